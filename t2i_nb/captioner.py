@@ -25,21 +25,21 @@ __all__ = ['CaptionerConfig', 'CaptionEncoder', 'Captioner', 'caption_targets', 
 class CaptionerConfig:
     "Captioner architecture and pretraining settings."
     img_size: int = 64        # images are resized to this before the encoder (fakes of any size work)
-    channels: int = 32        # conv widths: c, 2c, 4c, 4c (four stride-2 blocks: 64 px -> 4x4)
-    feat_dim: int = 256       # image feature vector v
-    embed_dim: int = 64       # word embedding size
-    hidden_dim: int = 256     # LSTM state size
+    channels: int = 16        # conv widths: c, 2c, 4c, 4c (four stride-2 blocks: 64 px -> 4x4)
+    feat_dim: int = 128       # image feature vector v
+    embed_dim: int = 32       # word embedding size
+    hidden_dim: int = 128     # LSTM state size
     words_num: int = 18       # max caption words read from the dataset
-    epochs: int = 12          # pretraining epochs on the real training split
+    epochs: int = 15          # pretraining epochs on the real training split
     batch_size: int = 64
-    lr: float = 2e-3          # Adam
+    lr: float = 3e-3          # Adam
     grad_clip: float = 5.0    # gradient-norm clipping
     seed: int = 0
 
 # %% ../nbs/05_captioner.ipynb
 class CaptionEncoder(nn.Module):
-    "Image -> feature vector: four stride-2 conv blocks to a 4x4 grid, flattened by a linear layer."
-    def __init__(self, img_size: int = 64, channels: int = 32, feat_dim: int = 256):
+    "Image -> (regions B x 16 x feat_dim, global vector B x feat_dim): four stride-2 conv blocks to a 4x4 grid."
+    def __init__(self, img_size: int = 64, channels: int = 16, feat_dim: int = 128):
         super().__init__()
         if img_size % 16: raise ValueError(f"img_size must be a multiple of 16, got {img_size}")
         ch, layers, c_in = channels, [], 3
@@ -47,38 +47,48 @@ class CaptionEncoder(nn.Module):
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
             c_in = c_out
         self.img_size, self.convs = img_size, nn.Sequential(*layers)
-        self.fc = nn.Linear(c_in * (img_size // 16) ** 2, feat_dim)
+        self.regions = nn.Linear(c_in, feat_dim)                        # per grid cell
+        self.fc = nn.Linear(c_in * (img_size // 16) ** 2, feat_dim)     # whole grid, flattened (keeps positions)
 
     def forward(self, images):  # images: B x 3 x H x W in [-1, 1], resized to img_size
         if images.ndim != 4 or images.shape[1] != 3: raise ValueError(f"expected B x 3 x H x W images, got {tuple(images.shape)}")
         if images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
-            images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False, antialias=False)
-        return F.leaky_relu(self.fc(self.convs(images).flatten(1)), 0.2)
+            images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        g = self.convs(images)
+        return self.regions(g.flatten(2).transpose(1, 2)), F.leaky_relu(self.fc(g.flatten(1)), 0.2)
 
 # %% ../nbs/05_captioner.ipynb
 class Captioner(nn.Module):
-    "F_C: image encoder -> LSTM decoder over the dataset vocabulary; forward gives teacher-forced logits."
+    "F_C: image encoder -> attention LSTM decoder over the dataset vocabulary; forward gives teacher-forced logits."
     def __init__(self, n_words: int, cfg: CaptionerConfig = CaptionerConfig()):
         super().__init__()
         self.n_words, self.cfg = n_words, cfg
         self.encoder = CaptionEncoder(cfg.img_size, cfg.channels, cfg.feat_dim)
         self.init_h, self.init_c = nn.Linear(cfg.feat_dim, cfg.hidden_dim), nn.Linear(cfg.feat_dim, cfg.hidden_dim)
         self.embed = nn.Embedding(n_words, cfg.embed_dim)
-        self.lstm = nn.LSTM(cfg.embed_dim + cfg.feat_dim, cfg.hidden_dim, batch_first=True)
-        self.out = nn.Linear(cfg.hidden_dim, n_words)
+        self.query = nn.Linear(cfg.hidden_dim, cfg.feat_dim)
+        self.cell = nn.LSTMCell(cfg.embed_dim + cfg.feat_dim, cfg.hidden_dim)
+        self.out = nn.Linear(cfg.hidden_dim + cfg.feat_dim, n_words)
 
-    def decode(self, v, inputs, state=None):
-        "Logits B x T x n_words for input word ids B x T, given image features v (B x feat_dim)."
-        if state is None: state = (torch.tanh(self.init_h(v))[None], torch.tanh(self.init_c(v))[None])
-        x = torch.cat([self.embed(inputs), v[:, None].expand(-1, inputs.shape[1], -1)], 2)
-        with torch.backends.cudnn.flags(enabled=False):  # cuDNN's LSTM cannot backward in eval mode (frozen F_C)
-            out, state = self.lstm(x, state)
-        return self.out(out), state
+    def init_state(self, v):
+        "LSTM state (h, c) from the global image vector."
+        return torch.tanh(self.init_h(v)), torch.tanh(self.init_c(v))
+
+    def step(self, regions, words, state):
+        "One step: attend over `regions` with h, read `words` (B ids); returns (logits B x n_words, state)."
+        att = torch.softmax(regions @ self.query(state[0])[:, :, None] / regions.shape[-1] ** 0.5, 1)   # B x R x 1
+        ctx = (att * regions).sum(1)
+        h, c = self.cell(torch.cat([self.embed(words), ctx], 1), state)
+        return self.out(torch.cat([h, ctx], 1)), (h, c)
 
     def forward(self, images, captions):  # images B x 3 x H x W; captions B x L word ids (0-padded)
         "Teacher-forced logits B x (L+1) x n_words: step t predicts word t+1, the last step `<end>`."
-        start = captions.new_zeros(len(captions), 1)
-        return self.decode(self.encoder(images), torch.cat([start, captions], 1))[0]
+        regions, v = self.encoder(images)
+        inputs, state, out = torch.cat([captions.new_zeros(len(captions), 1), captions], 1), self.init_state(v), []
+        for t in range(inputs.shape[1]):
+            logits, state = self.step(regions, inputs[:, t], state)
+            out.append(logits)
+        return torch.stack(out, 1)
 
 # %% ../nbs/05_captioner.ipynb
 def caption_targets(captions, cap_lens) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +107,9 @@ def caption_loss(logits, captions, cap_lens):
 
 # %% ../nbs/05_captioner.ipynb
 def freeze(model: nn.Module) -> nn.Module:
-    "Eval mode and `requires_grad=False` for every parameter; returns `model`."
+    "Eval mode, `requires_grad=False` and no stored `.grad` for every parameter; returns `model`."
     model.eval()
-    for p in model.parameters(): p.requires_grad_(False)
+    for p in model.parameters(): p.requires_grad_(False); p.grad = None
     return model
 
 def recaption_loss(captioner: Captioner, fake_images, captions, cap_lens):
@@ -114,13 +124,13 @@ def recaption_loss(captioner: Captioner, fake_images, captions, cap_lens):
 @torch.no_grad()
 def greedy_captions(captioner: Captioner, images, max_len: int = 18) -> torch.Tensor:
     "Greedy word ids B x max_len (0 after `<end>`) for `images`."
-    v = captioner.encoder(images)
-    word, state, out = torch.zeros(len(v), 1, dtype=torch.long, device=v.device), None, []
+    regions, v = captioner.encoder(images)
+    word, state, out = torch.zeros(len(v), dtype=torch.long, device=v.device), captioner.init_state(v), []
     for _ in range(max_len):
-        logits, state = captioner.decode(v, word, state)
+        logits, state = captioner.step(regions, word, state)
         word = logits.argmax(-1)
         out.append(word)
-    ids = torch.cat(out, 1)
+    ids = torch.stack(out, 1)
     return ids * (ids == 0).long().cumsum(1).eq(0).long()   # zero everything from the first <end> on
 
 # %% ../nbs/05_captioner.ipynb
@@ -134,20 +144,26 @@ def _ngram_baselines(captions, n_words: int):
     return int(uni.argmax()), torch.from_numpy(bi.argmax(1))
 
 @torch.no_grad()
-def caption_token_accuracy(captioner: Captioner, ds: TextImageDataset, batch_size: int = 128, device="cpu") -> dict:
-    "Teacher-forced next-token accuracy on `ds` and the unigram / bigram text-only baselines."
+def caption_token_accuracy(captioner: Captioner, ds: TextImageDataset, batch_size: int = 128, device="cpu",
+                           focus_words=()) -> dict:  # e.g. colour words: also scored alone, as `*_focus`
+    "Teacher-forced next-token accuracy on `ds`, with another image (`shuffled`) and the unigram / bigram baselines."
     captioner, device = captioner.eval().to(get_device(device)), get_device(device)
     top, follow = _ngram_baselines(ds.captions, ds.n_words)
-    hits = dict(acc=0, unigram=0, bigram=0); n = 0
+    focus = torch.tensor([ds.wordtoix[w] for w in focus_words if w in ds.wordtoix], dtype=torch.long)
+    sfxs = ["", "_focus"] if len(focus) else [""]
+    hits, n = {}, dict.fromkeys(sfxs, 0)
     for b in epoch_loader(ds, batch_size, epoch=0, shuffle=False, drop_last=False):
-        caps, lens = b["caption"], b["cap_len"]
+        caps, lens, img = b["caption"], b["cap_len"], b["img"].to(device)
         targets, mask = caption_targets(caps, lens)
         prev = torch.cat([caps.new_zeros(len(caps), 1), targets[:, :-1]], 1)
-        pred = captioner(b["img"].to(device), caps.to(device)).argmax(-1).cpu()
-        for k, p in (("acc", pred), ("unigram", torch.full_like(targets, top)), ("bigram", follow[prev])):
-            hits[k] += int(((p == targets) & mask).sum())
-        n += int(mask.sum())
-    return {**{k: v / n for k, v in hits.items()}, "tokens": n}
+        pred, shuf = (captioner(x, caps.to(device)).argmax(-1).cpu() for x in (img, img.roll(1, 0)))
+        for sfx in sfxs:
+            m = mask & torch.isin(targets, focus) if sfx else mask
+            for k, p in (("acc", pred), ("shuffled", shuf), ("unigram", torch.full_like(targets, top)), ("bigram", follow[prev])):
+                hits[k + sfx] = hits.get(k + sfx, 0) + int(((p == targets) & m).sum())
+            n[sfx] += int(m.sum())
+    out = {k: v / max(n["_focus" if k.endswith("_focus") else ""], 1) for k, v in hits.items()}
+    return {**out, **{f"tokens{sfx}": v for sfx, v in n.items()}}
 
 # %% ../nbs/05_captioner.ipynb
 def _train_epoch(model, opt, ds, cfg, epoch, device) -> float:
@@ -159,10 +175,11 @@ def _train_epoch(model, opt, ds, cfg, epoch, device) -> float:
         loss = caption_loss(model(b["img"].to(device), caps), caps, lens)
         opt.zero_grad(set_to_none=True); loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip); opt.step()
-        total += float(loss)
+        total += loss.item()
     return total / max(len(loader), 1)
 
-def pretrain_captioner(data_root, cfg: CaptionerConfig = CaptionerConfig(), out_dir="captioner", device="auto") -> dict:
+def pretrain_captioner(data_root, cfg: CaptionerConfig = CaptionerConfig(), out_dir="captioner", device="auto",
+                       focus_words=()) -> dict:  # words also scored alone in the final test accuracy
     "Train F_C on the real train split of `data_root`; save `captioner.pth`, config and history into `out_dir`."
     device, out_dir = get_device(device), Path(out_dir)
     seed_everything(cfg.seed)
@@ -175,7 +192,7 @@ def pretrain_captioner(data_root, cfg: CaptionerConfig = CaptionerConfig(), out_
     for ep in (bar := tqdm(range(cfg.epochs), desc="captioner")):
         hist["train_loss"].append(_train_epoch(model, opt, train, cfg, ep, device))
         bar.set_postfix(loss=f"{hist['train_loss'][-1]:.3f}")
-    hist["test"] = caption_token_accuracy(model, test, device=device)
+    hist["test"] = caption_token_accuracy(model, test, device=device, focus_words=focus_words)
     path = atomic_torch_save(dict(model=model.state_dict(), n_words=train.n_words, config=asdict(cfg)), out_dir / "captioner.pth")
     atomic_write_json(hist, out_dir / "history.json")
     return dict(path=str(path), **hist)

@@ -86,6 +86,7 @@ class InceptionImageEncoder(nn.Module):
                  nef: int = 256,              # embedding size (text encoder's nhidden)
                  freeze_bn: bool = False):    # keep the trunk's BN statistics fixed in train mode
         super().__init__()
+        if weights == "imagenet": weights = find_inception_weights()   # fail before building anything
         from torchvision.models import inception_v3
         net = inception_v3(weights=None, aux_logits=False, init_weights=False)
         for name in INCEPTION_BLOCKS: setattr(self, name, getattr(net, name))
@@ -93,7 +94,7 @@ class InceptionImageEncoder(nn.Module):
         self.emb_cnn_code = nn.Linear(2048, nef)
         nn.init.uniform_(self.emb_features.weight, -0.1, 0.1); nn.init.uniform_(self.emb_cnn_code.weight, -0.1, 0.1)
         self.freeze_bn, self.nef = freeze_bn, nef
-        if weights is not None: self.load_weights(find_inception_weights() if weights == "imagenet" else weights)
+        if weights is not None: self.load_weights(weights)
         for name in INCEPTION_BLOCKS: getattr(self, name).requires_grad_(False)
 
     def load_weights(self, path):

@@ -1,0 +1,97 @@
+"SynthBirds evaluator: it learns the attributes; FID_SB, semantic accuracy and consistency behave as the issue requires."
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from t2i_nb.data import TextImageDataset, make_synth_birds
+from t2i_nb.evaluator import (EvaluatorConfig, SBFeatures, chance_accuracy, consistency, dataset_batches, evaluator_dir,
+                              predict, read_caption_attributes, train_evaluator)
+from t2i_nb.metrics import METRICS, compute_metrics, compute_reference_stats, get_metric
+from t2i_nb.synthbirds import ATTRIBUTES, CAPTIONED, read_attributes
+
+CFG = EvaluatorConfig(epochs=8, batch_size=32, lr=4e-3)
+
+
+@pytest.fixture(scope="module")
+def sb(tmp_path_factory):
+    "A small SynthBirds build and an evaluator trained on it (shared by the tests of this file)."
+    root = make_synth_birds(tmp_path_factory.mktemp("sbe"), n_train=400, n_test=100, progress=False)
+    model, report = train_evaluator(root, CFG, progress=False)
+    dte = TextImageDataset(root, "test", 64, augment=False)
+    dtr = TextImageDataset(root, "train", 64, augment=False)
+    return root, model, report, dte, dtr, SBFeatures(model, ixtoword=dte.ixtoword)
+
+
+def test_evaluator_learns_attributes_and_is_cached(sb):
+    root, model, report, *_ = sb
+    acc = report["test_accuracy"]
+    assert set(acc) == {"species", *ATTRIBUTES} and report["n_train"] == 400 and report["n_test"] == 100
+    assert min(acc[a] for a in ("crown", "wing", "belly", "tail", "size", "background")) >= 0.85, acc
+    ckpt = evaluator_dir(root, CFG) / "evaluator.pt"
+    assert ckpt.exists() and (ckpt.parent / "evaluator.json").exists()
+    again, rep2 = train_evaluator(root, CFG)                          # loaded from the cache, same weights
+    assert rep2 == report and torch.equal(again.heads["wing"].weight, model.heads["wing"].weight)
+
+
+def test_semantic_accuracy_matches_a_plain_loop(sb):
+    root, model, _, dte, _, sbx = sb
+    res = compute_metrics(["semantic_acc_sb"], dataset_batches(dte, 50), {"sb": sbx})[0]
+    truth = read_attributes(root)
+    batch = next(iter(dataset_batches(dte, 100)()))
+    pred = predict(model, batch["img"])
+    hits = total = 0
+    for i, said in enumerate(read_caption_attributes(batch["caption"], dte.ixtoword)):
+        for a, v in said.items():
+            assert truth.loc[batch["key"][i], a] == v                   # captions name the image's true values
+            total += 1; hits += ATTRIBUTES[a][int(pred[a][i])] == v
+    assert res["n_mentions"] == total and res["value"] == pytest.approx(hits / total)
+    assert res["value"] >= 0.85 and res["n_fake"] == 100 and res["weights_hash"] == sbx.hash
+
+
+def test_shuffled_captions_drop_semantic_accuracy_to_chance(sb):
+    root, _, _, dte, _, sbx = sb
+    own = compute_metrics(["semantic_acc_sb"], dataset_batches(dte, 100), {"sb": sbx})[0]
+
+    def shuffled():
+        g = torch.Generator().manual_seed(0)
+        for ep in range(4):                                             # 4 epochs: 4 captions per image, more mentions
+            for b in dataset_batches(dte, 100, epoch=ep)():
+                yield {**b, "caption": b["caption"][torch.randperm(len(b["caption"]), generator=g)]}
+    shuf = compute_metrics(["semantic_acc_sb"], shuffled, {"sb": sbx})[0]
+    ch = chance_accuracy(root, "test")
+    chance = sum(ch[a] * shuf[f"n_{a}"] for a in CAPTIONED) / shuf["n_mentions"]
+    assert own["value"] > chance + 0.4
+    assert abs(shuf["value"] - chance) < 0.08, (shuf["value"], chance)
+
+
+def test_fid_sb_real_near_zero_and_larger_for_corrupted_images(sb, tmp_path):
+    _, _, _, dte, dtr, sbx = sb
+    ref = compute_reference_stats(dataset_batches(dtr), sbx, "synthbirds", "train", tmp_path)
+    assert ref["n"] == 400 and ref["weights_hash"] == sbx.hash
+
+    def fid(fn):
+        g = torch.Generator().manual_seed(0)
+        gen = lambda: ({**b, "img": fn(b["img"], g)} for b in dataset_batches(dte)())
+        return compute_metrics(["fid_sb_100_train"], gen, {"sb": sbx}, refs={"sb": ref})[0]
+    real = fid(lambda x, g: x)
+    blur = fid(lambda x, g: F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, 1))
+    noise = fid(lambda x, g: (x + 0.4 * torch.randn(x.shape, generator=g)).clamp(-1, 1))
+    assert real["n_real"] == 400 and real["reference"] == "synthbirds/train"
+    assert 3 * real["value"] < min(blur["value"], noise["value"]), (real["value"], blur["value"], noise["value"])
+
+
+def test_consistency_and_is_sb(sb):
+    _, _, _, dte, _, sbx = sb
+    same = lambda: ({**b, "img2": b["img"]} for b in dataset_batches(dte, 50)())
+    other = lambda: ({**b, "img2": b["img"].roll(1, 0)} for b in dataset_batches(dte, 50)())
+    r_same = compute_metrics(["consistency_sb"], same, {"sb": sbx})[0]
+    r_other = compute_metrics(["consistency_sb"], other, {"sb": sbx})[0]
+    assert r_same["pos"] == pytest.approx(1.0) and r_same["value"] > 0.1
+    assert abs(r_other["value"]) < 0.1
+    f = torch.randn(20, 4)
+    assert consistency(f, f, seed=3) == consistency(f, f, seed=3)
+    assert {"fid_sb_2k_test", "fid_sb_500_train", "is_sb_5k", "semantic_acc_sb", "consistency_sb"} <= set(METRICS)
+    assert get_metric("fid_sb_1500_test").n == 1500 and get_metric("is_sb_300").protocol == dict(splits=10)
+    with pytest.raises(ValueError, match="needs batches with 'img2'"):
+        compute_metrics(["consistency_sb"], dataset_batches(dte, 50), {"sb": sbx})
