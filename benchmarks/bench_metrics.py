@@ -14,32 +14,21 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 
 from t2i_nb.evaluator import SBEvaluator, SBFeatures
-from t2i_nb.metrics import INCEPTION_FILE, InceptionFeatures, make_fake_inception, run_pass
+from t2i_nb.metrics import INCEPTION_FILE, InceptionFeatures, _FakeInception, make_fake_inception, run_pass
 
 
-class TimingInception(nn.Module):
+class TimingInception(_FakeInception):
     "torchvision Inception-v3 (random weights) in the NVlabs TorchScript layout: layers -> pool3, output -> 1008 logits."
     def __init__(self):
-        super().__init__()
+        super().__init__()                      # the stand-in's forward and `output`; only `layers` is replaced
         tv = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
         names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2",
                  "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
                  "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"]
         self.layers = nn.Sequential(*[getattr(tv, n) for n in names])
-        self.output = nn.Linear(2048, 1008)
-
-    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
-                no_output_bias: bool = False) -> torch.Tensor:
-        x = img.to(torch.float32)
-        if x.shape[2] != 299 or x.shape[3] != 299: x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        feats = self.layers((x - 128) / 128).reshape(-1, 2048)
-        if return_features: return feats
-        if no_output_bias: return F.linear(feats, self.output.weight).softmax(1)
-        return self.output(feats).softmax(1)
 
 
 def batches(n, bs, size):

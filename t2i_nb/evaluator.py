@@ -20,9 +20,10 @@ from .metrics import fid_result, inception_score, n_tag, parse_n, register_famil
 from .synthbirds import ATTRIBUTES, CAPTIONED, SPECIES, parse_caption, read_attributes
 
 # %% auto 0
-__all__ = ['HEADS', 'attribute_labels', 'load_split', 'SBEvaluator', 'EvaluatorConfig', 'augment', 'predict', 'head_accuracy',
-           'evaluator_dir', 'load_evaluator', 'train_evaluator', 'state_hash', 'read_caption_attributes', 'SBFeatures',
-           'semantic_accuracy', 'consistency', 'dataset_batches', 'chance_accuracy']
+__all__ = ['HEADS', 'ARCH_VERSION', 'attribute_labels', 'load_split', 'SBEvaluator', 'EvaluatorConfig', 'augment', 'predict',
+           'head_accuracy', 'evaluator_dir', 'load_evaluator', 'train_evaluator', 'state_hash',
+           'read_caption_attributes', 'SBFeatures', 'semantic_accuracy', 'consistency', 'dataset_batches',
+           'chance_accuracy']
 
 # %% ../nbs/07a_evaluator.ipynb
 HEADS = {"species": len(SPECIES), **{a: len(v) for a, v in ATTRIBUTES.items()}}
@@ -44,7 +45,7 @@ def load_split(root, split: str, img_size: int = 64, progress: bool = True):
 class SBEvaluator(nn.Module):
     "Small CNN on SynthBirds images in [-1, 1]: shared 256-d features, one linear head per attribute and species."
     def __init__(self, width: int = 16,          # channels of the first stage (x2 per stage, 4 stages)
-                 feat_dim: int = 256,            # penultimate feature size (the FID_SB space)
+                 feat_dim: int = 256,            # penultimate feature size (heads and consistency read it)
                  img_size: int = 64,             # input size; other sizes are resized to it
                  heads: dict | None = None):     # name -> number of classes (default HEADS)
         super().__init__()
@@ -53,15 +54,25 @@ class SBEvaluator(nn.Module):
         for a, b in zip(ch, ch[1:]):
             layers += [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True),
                        nn.Conv2d(b, b, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch[-1], feat_dim), nn.ReLU(inplace=True))
+        side = img_size // 16                                            # 4 stride-2 stages: 64 px -> 4×4
+        self.trunk = nn.Sequential(*layers)                             # -> B×8w×4×4
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(ch[-1] * side * side, feat_dim), nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({k: nn.Linear(feat_dim, n) for k, n in self.head_sizes.items()})
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        "B×feat_dim features of images B×3×H×W in [-1, 1] (resized to img_size if needed)."
+    def trunk_map(self, x: torch.Tensor) -> torch.Tensor:
+        "Last conv map B×8w×4×4 of images B×3×H×W in [-1, 1] (resized to img_size if needed)."
         if x.ndim != 4 or x.shape[1] != 3: raise ValueError(f"expected images B×3×H×W, got {tuple(x.shape)}")
         if x.shape[-2:] != (self.img_size, self.img_size):
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False, antialias=True)
-        return self.body(x)
+        return self.trunk(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        "B×feat_dim penultimate features (what the heads read)."
+        return self.fc(self.trunk_map(x))
+
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
+        "B×8w global average of the last conv map: the FID_SB space (the analogue of Inception's pool3)."
+        return self.trunk_map(x).mean((2, 3))
 
     def forward(self, x: torch.Tensor) -> dict:
         f = self.features(x)
@@ -74,7 +85,7 @@ class EvaluatorConfig:
     img_size: int = 64
     width: int = 16            # channels of the first stage
     feat_dim: int = 256        # feature size (FID_SB space)
-    epochs: int = 15
+    epochs: int = 8
     batch_size: int = 64
     lr: float = 3e-3           # peak of the one-cycle schedule (AdamW)
     weight_decay: float = 5e-4
@@ -122,11 +133,13 @@ def _fit(model, xtr, ytr, cfg: EvaluatorConfig, dev, progress: bool):
     return model.eval()
 
 # %% ../nbs/07a_evaluator.ipynb
+ARCH_VERSION = 2   # bump when SBEvaluator's layers change, so cached evaluators of another architecture are not loaded
+
 def evaluator_dir(data_root, cfg: EvaluatorConfig, out_dir=None) -> Path:
     "Cache folder of the evaluator trained with `cfg` on the SynthBirds build in `data_root`."
     info = Path(data_root) / "synthbirds.json"
     build = json.loads(info.read_text()) if info.exists() else {}
-    return Path(out_dir or Path(data_root) / "evaluator") / config_key(dict(cfg=to_dict(cfg), data=build))
+    return Path(out_dir or Path(data_root) / "evaluator") / config_key(dict(cfg=to_dict(cfg), data=build, arch=ARCH_VERSION))
 
 def load_evaluator(path, device="cpu") -> tuple[SBEvaluator, dict]:
     "(model in eval mode, report) from an evaluator.pt written by `train_evaluator`."
@@ -177,11 +190,13 @@ class SBFeatures:
         self.device = get_device(device); self.model.to(self.device)
 
     def __call__(self, batch: dict) -> dict:
-        f = self.model.features(batch["img"])
-        logits = {k: h(f) for k, h in self.model.heads.items()}
-        out = dict(feats=f, probs=logits["species"].softmax(1), **{f"pred_{a}": logits[a].argmax(1) for a in CAPTIONED})
+        t = self.model.trunk_map(batch["img"])                          # one trunk forward for every output
+        emb = self.model.fc(t)
+        logits = {k: h(emb) for k, h in self.model.heads.items()}
+        out = dict(feats=t.mean((2, 3)), emb=emb, probs=logits["species"].softmax(1),
+                   **{f"pred_{a}": logits[a].argmax(1) for a in CAPTIONED})
         if "caption" in batch and self.ixtoword is not None: out.update(self.read(batch["caption"], out))
-        if "img2" in batch: out["feats2"] = self.model.features(batch["img2"])
+        if "img2" in batch: out["emb2"] = self.model.features(batch["img2"])
         return out
 
     def read(self, captions, out: dict) -> dict:
@@ -231,8 +246,8 @@ def _semantic(outs, ex, ctx):
     return semantic_accuracy(outs["mention"], outs["correct"])
 
 def _consistency(outs, ex, ctx):
-    if "feats2" not in outs: raise ValueError("consistency_sb needs batches with 'img2' (a fake from a second caption of the same image)")
-    return consistency(outs["feats"], outs["feats2"], ctx.get("seed", 0))
+    if "emb2" not in outs: raise ValueError("consistency_sb needs batches with 'img2' (a fake from a second caption of the same image)")
+    return consistency(outs["emb"], outs["emb2"], ctx.get("seed", 0))
 
 for _n in (500, 1_000, 2_000, 5_000, 10_000, 30_000):
     for _s in ("test", "train"): register_metric(f"fid_sb_{n_tag(_n)}_{_s}", "sb", _n, split=_s)(_fid_sb)

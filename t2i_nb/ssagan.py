@@ -54,11 +54,12 @@ class SSABlock(nn.Module):
                  in_ch: int,                 # input channels
                  out_ch: int,                # output channels
                  cond_dim: int = 256,        # sentence vector size
-                 predict_mask: bool = True): # build `conv_mask` on the output (all blocks but the last)
+                 predict_mask: bool = True,  # build `conv_mask` on the output (all blocks but the last)
+                 gate_init: float = 0.0):    # initial γ (official 0)
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(in_ch, out_ch, 3, 1, 1), nn.Conv2d(out_ch, out_ch, 3, 1, 1)
         self.affine0, self.affine2 = SSCBN(in_ch, cond_dim), SSCBN(out_ch, cond_dim)
-        self.gamma = nn.Parameter(torch.zeros(1))
+        self.gamma = nn.Parameter(torch.full((1,), float(gate_init)))
         self.c_sc = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
         self.conv_mask = mask_predictor(out_ch) if predict_mask else None
 
@@ -90,7 +91,8 @@ class SSAGenerator(nn.Module):
                  ngf: int = 64,        # base width (official NF: 64 for SSA-GAN)
                  nz: int = 100,        # noise size
                  img_size: int = 256,  # output resolution, power of two >= 16
-                 cond_dim: int = 256): # sentence vector size
+                 cond_dim: int = 256,  # sentence vector size
+                 gate_init: float = 0.0): # initial γ of every block (official 0; see "Short runs" below)
         super().__init__()
         self.ngf, self.nz, self.img_size, self.cond_dim = ngf, nz, img_size, cond_dim
         mults = g_channel_mults(img_size)
@@ -98,7 +100,7 @@ class SSAGenerator(nn.Module):
         self.fc = nn.Linear(nz, 8 * ngf * 4 * 4)
         self.conv_mask = mask_predictor(8 * ngf)
         for k, (i, o) in enumerate(mults):
-            setattr(self, f"block{k}", SSABlock(i * ngf, o * ngf, cond_dim, predict_mask=k < len(mults) - 1))
+            setattr(self, f"block{k}", SSABlock(i * ngf, o * ngf, cond_dim, predict_mask=k < len(mults) - 1, gate_init=gate_init))
         self.conv_img = nn.Sequential(nn.BatchNorm2d(ngf), nn.LeakyReLU(0.2), nn.Conv2d(ngf, 3, 3, 1, 1), nn.Tanh())
 
     @property
@@ -135,12 +137,12 @@ def d_channel_mults(img_size: int) -> list[tuple[int, int]]:
 
 class DBlock(nn.Module):
     "Residual down block (official `resD`): `avgpool(shortcut(x)) + γ·conv_r(x)`, halves the resolution."
-    def __init__(self, fin: int, fout: int):  # input / output channels
+    def __init__(self, fin: int, fout: int, gate_init: float = 0.0):  # input / output channels, initial γ
         super().__init__()
         self.conv_r = nn.Sequential(nn.Conv2d(fin, fout, 4, 2, 1, bias=False), nn.LeakyReLU(0.2),
                                     nn.Conv2d(fout, fout, 3, 1, 1, bias=False), nn.LeakyReLU(0.2))
         self.conv_s = nn.Conv2d(fin, fout, 1) if fin != fout else None   # the official code always builds it
-        self.gamma = nn.Parameter(torch.zeros(1))
+        self.gamma = nn.Parameter(torch.full((1,), float(gate_init)))
 
     def forward(self, x):
         sc = F.avg_pool2d(x, 2)                       # pooling first: commutes with the 1×1 conv
@@ -163,13 +165,14 @@ class SSADiscriminator(nn.Module):
     def __init__(self,
                  ndf: int = 64,        # base width
                  img_size: int = 256,  # input resolution, power of two >= 16
-                 cond_dim: int = 256): # sentence vector size
+                 cond_dim: int = 256,  # sentence vector size
+                 gate_init: float = 0.0): # initial γ of every block (official 0)
         super().__init__()
         self.ndf, self.img_size, self.cond_dim = ndf, img_size, cond_dim
         mults = d_channel_mults(img_size)
         self.n_blocks = len(mults)
         self.conv_img = nn.Conv2d(3, ndf, 3, 1, 1)
-        for k, (i, o) in enumerate(mults): setattr(self, f"block{k}", DBlock(i * ndf, o * ndf))
+        for k, (i, o) in enumerate(mults): setattr(self, f"block{k}", DBlock(i * ndf, o * ndf, gate_init))
         self.COND_DNET = CondLogits(ndf, cond_dim)
 
     def forward(self, images):  # B×3×R×R
@@ -219,6 +222,7 @@ class SSAGANConfig:
     magp_k: float = 2.0          # MA-GP weight k
     magp_p: float = 6.0          # MA-GP power p
     fold_magp: bool = False      # False: separate MA-GP D step (SSA-GAN); True: inside the hinge step (DF-GAN 2022)
+    gate_init: float = 0.0       # initial γ of the residual gates (official 0; short CPU runs use 1, see below)
     channels_last: bool = True   # store conv weights channels-last (faster CPU convolutions; same maths)
 
 PRESETS = {
@@ -228,7 +232,8 @@ PRESETS = {
 
 def make_models(cfg: SSAGANConfig, device="cpu") -> tuple[SSAGenerator, SSADiscriminator]:
     "A fresh `(G, D)` for `cfg` on `device`."
-    G, D = SSAGenerator(cfg.ngf, cfg.nz, cfg.img_size, cfg.cond_dim), SSADiscriminator(cfg.ndf, cfg.img_size, cfg.cond_dim)
+    G = SSAGenerator(cfg.ngf, cfg.nz, cfg.img_size, cfg.cond_dim, cfg.gate_init)
+    D = SSADiscriminator(cfg.ndf, cfg.img_size, cfg.cond_dim, cfg.gate_init)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     return G.to(device, memory_format=fmt), D.to(device, memory_format=fmt)
 

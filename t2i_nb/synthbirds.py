@@ -162,9 +162,10 @@ def parse_caption(tokens) -> dict:
         for noun, attr in _nouns():
             if tuple(t[i:i + len(noun)]) != noun: continue
             before, after = t[i - 1] if i else None, t[i + len(noun):i + len(noun) + 3]
-            if len(after) == 3 and after[0] == "that" and after[1] in ("is", "are") and after[2] in _WORD_VALUE:
+            ok = lambda w: _WORD_VALUE.get(w) in ATTRIBUTES[attr]   # a colour for a part, a length for the beak
+            if len(after) == 3 and after[0] == "that" and after[1] in ("is", "are") and ok(after[2]):
                 found[attr] = _WORD_VALUE[after[2]]          # "wings that are blue" (checked first: the word
-            elif before in _WORD_VALUE: found[attr] = _WORD_VALUE[before]   # before may end the previous phrase)
+            elif ok(before): found[attr] = _WORD_VALUE[before]   # before may end the previous phrase)
             i += len(noun) - 1
             break
         if t[i] in _SIZE_VALUE and (t[i + 1:i + 2] == ["bird"] or t[i - 2:i] == ["bird", "is"]): found["size"] = _SIZE_VALUE[t[i]]

@@ -1,0 +1,91 @@
+"""Training throughput per loss preset: images/s of one full SSA-GAN iteration, its ratio to `none`, peak memory.
+
+One iteration is exactly `t2i_nb.train.train_step`: D hinge step, MA-GP step, G step with the preset's
+objective (F2F doubles the generator batch). Each preset runs in its own subprocess, so peak RSS is per preset
+and the process-wide malloc setting can be compared: `--malloc both` times every preset with glibc's default
+and with `t2i_nb.core.keep_freed_memory()`. Presets are measured in interleaved rounds (none, f2f, ..., none,
+f2f, ...), so load from other processes hits every preset alike; the median is reported.
+
+    python benchmarks/bench_train.py                       # SynthBirds 64 px, the synth_birds training preset
+    python benchmarks/bench_train.py --rounds 3 --malloc both --threads 1
+    python benchmarks/bench_train.py --img-size 256 --ngf 64 --ndf 64 --batch-size 4 --device cuda
+"""
+from __future__ import annotations
+import argparse, json, os, statistics, subprocess, sys, tempfile
+
+CHILD = r"""
+import json, resource, sys, time, torch
+a = json.loads(sys.argv[1])
+if a["threads"]: torch.set_num_threads(a["threads"])
+from t2i_nb.core import get_device, keep_freed_memory, seed_everything
+if a["keep_freed"]: keep_freed_memory()
+from t2i_nb.data import epoch_loader
+from t2i_nb.losses import loss_config
+from t2i_nb.train import build_models, make_config, prepare_assets, train_step
+seed_everything(0)
+cfg = make_config(data_dir=a["data_dir"], n_train=a["n_train"], n_test=a["n_test"], pretrain_epochs=1, img_size=a["img_size"],
+                  ngf=a["ngf"], ndf=a["ndf"], batch_size=a["batch_size"], device=a["device"], loss=a["preset"])
+dev = get_device(a["device"])
+assets = prepare_assets(cfg, dev)                     # pretrained weights do not change the speed
+m, lc = build_models(cfg, dev), loss_config(a["preset"])
+enc = assets.encoders(lc)
+batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in next(iter(epoch_loader(assets.train, a["batch_size"]))).items()}
+def step():
+    train_step(m, batch, enc, lc, torch.randn(a["batch_size"], 100, device=dev))
+    if dev.type == "cuda": torch.cuda.synchronize()
+step(); step()                                          # warm-up
+times = []
+for _ in range(a["steps"]):
+    t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
+peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps(dict(times=times, peak_gb=peak, threads=torch.get_num_threads())))
+"""
+
+
+def run(args, preset, keep_freed):
+    a = dict(vars(args), preset=preset, keep_freed=keep_freed)
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(a)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if out.returncode: raise SystemExit(f"{preset}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "t2i_bench_sb"))
+    ap.add_argument("--n-train", type=int, default=96)
+    ap.add_argument("--n-test", type=int, default=24)
+    ap.add_argument("--img-size", type=int, default=64)
+    ap.add_argument("--ngf", type=int, default=None, help="default: the synth_birds training preset")
+    ap.add_argument("--ndf", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per subprocess")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the presets")
+    ap.add_argument("--presets", default="none,f2f,r2f,f2f_r2f,f2f_r2f_cap")
+    ap.add_argument("--malloc", choices=("default", "keep", "both"), default="keep")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    from t2i_nb.train import TRAIN_PRESETS
+    p = TRAIN_PRESETS["synth_birds"]
+    args.ngf, args.ndf = args.ngf or p.ngf, args.ndf or p.ndf
+    presets = args.presets.split(",")
+    modes = {"default": [False], "keep": [True], "both": [False, True]}[args.malloc]
+    res = {(n, k): [] for n in presets for k in modes}
+    for _ in range(args.rounds):
+        for k in modes:
+            for n in presets: res[n, k].append(run(args, n, k))
+    load = os.getloadavg()[0]
+    med = {key: statistics.median(t for r in rs for t in r["times"]) for key, rs in res.items()}
+    print(f"SSA-GAN iteration, {args.img_size} px, ngf {args.ngf} ndf {args.ndf}, batch {args.batch_size}, device {args.device}, "
+          f"{res[presets[0], modes[0]][0]['threads']} thread(s), median of {args.rounds}x{args.steps} steps, load average {load:.1f}")
+    print("| preset | keep_freed_memory | s/step | images/s | x none (speed) | peak memory GiB |")
+    print("|---|---|---|---|---|---|")
+    for k in modes:
+        for n in presets:
+            s = med[n, k]
+            peak = max(r["peak_gb"] for r in res[n, k])
+            print(f"| {n} | {'yes' if k else 'no'} | {s:.2f} | {args.batch_size / s:.1f} | {med[presets[0], k] / s:.2f} | {peak:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
