@@ -57,7 +57,7 @@ def main():
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--ngf", type=int, default=None, help="default: the synth_birds training preset")
     ap.add_argument("--ndf", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=24)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the synth_birds training preset")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per subprocess")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the presets")
     ap.add_argument("--presets", default="none,f2f,r2f,f2f_r2f,f2f_r2f_cap")
@@ -67,7 +67,7 @@ def main():
     args = ap.parse_args()
     from t2i_nb.train import TRAIN_PRESETS
     p = TRAIN_PRESETS["synth_birds"]
-    args.ngf, args.ndf = args.ngf or p.ngf, args.ndf or p.ndf
+    args.ngf, args.ndf, args.batch_size = args.ngf or p.ngf, args.ndf or p.ndf, args.batch_size or p.batch_size
     presets = args.presets.split(",")
     modes = {"default": [False], "keep": [True], "both": [False, True]}[args.malloc]
     res = {(n, k): [] for n in presets for k in modes}
