@@ -1,0 +1,81 @@
+"A tiny study: parallel workers, skipping finished runs, failures reported by name, the cross-preset grid."
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from t2i_nb.reproduce import StudyError, is_done, loss_grid, run_study, study_configs
+from t2i_nb.train import make_config, prepare_assets, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    kw = dict(data_dir=str(root / "sb"), n_train=48, n_test=16, pretrain_epochs=1, epochs=1, ngf=8, ndf=8,
+              batch_size=8, n_eval=32, device="cpu")
+    prepare_assets(make_config(**kw))
+    return root, kw
+
+
+def test_study_runs_in_parallel_then_skips_finished_runs(tiny, capsys):
+    root, kw = tiny
+    cfgs = study_configs(losses=["none", "f2f"], seeds=[7], out_dir=str(root / "out"), **kw)
+    dirs = run_study(cfgs, workers=2, threads=1)
+    assert dirs == [root / "out" / "synth_birds" / n for n in ("ssagan-none-s7", "ssagan-f2f-s7")]
+    for c in cfgs:
+        assert is_done(c)
+        saved = json.loads((c.run_dir / "config.json").read_text())["config"]
+        assert (saved["loss"], saved["seed"], saved["epochs"]) == (c.loss, 7, 1)
+        assert {m["metric"] for m in read_metrics(c.run_dir)} >= {"fid_sb_32_test", "semantic_acc_sb", "rprec_100_heldout"}
+    stamp = [c.run_dir.joinpath("metrics.json").stat().st_mtime_ns for c in cfgs]
+    capsys.readouterr()
+    run_study(cfgs, workers=2)
+    assert "2 of 2 runs already finished; 0 to go" in capsys.readouterr().out
+    assert stamp == [c.run_dir.joinpath("metrics.json").stat().st_mtime_ns for c in cfgs]
+
+    grid = loss_grid(cfgs, root / "grid.png", n=4)
+    w, h = Image.open(grid).size
+    assert h > w / 4 * 2  # three rows (real + two presets) of four captions
+
+
+def test_a_failing_run_is_named_and_the_others_still_finish(tiny):
+    root, kw = tiny
+    good = study_configs(losses=["r2f"], seeds=[8], out_dir=str(root / "fail"), **kw)
+    bad = study_configs(losses=["none"], seeds=[8], out_dir=str(root / "fail"), **kw)
+    foreign = {k: 0 for k in ("G", "D", "optG", "optD", "epoch", "step", "rng", "noise_rng")}
+    torch.save(dict(foreign, config=dict(arch="ssagan", loss="f2f")), _ckpt(bad[0]))  # another run's checkpoint
+    with pytest.raises(StudyError, match="1 of 2 runs failed.*ssagan-none-s8.*belongs to a run with arch='ssagan' loss='f2f'"):
+        run_study(good + bad, workers=1)
+    assert is_done(good[0]) and not is_done(bad[0])
+
+
+def _ckpt(cfg):
+    (cfg.run_dir / "checkpoints").mkdir(parents=True)
+    return cfg.run_dir / "checkpoints" / "ckpt_0001.pt"
+
+
+def papermill(out, *args):
+    pm = ROOT / ".venv/bin/papermill"
+    return subprocess.run([str(pm) if pm.exists() else "papermill", str(ROOT / "nbs/reproduce.ipynb"), str(out), "--cwd", str(ROOT),
+                           *args], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+
+
+def test_reproduce_notebook_runs_a_tiny_study(tiny, tmp_path):
+    root, kw = tiny
+    r = papermill(tmp_path / "out.ipynb", "-y", "losses: [none]\nseeds: [9]", "-p", "out_dir", str(tmp_path / "out"),
+                  "-p", "extra", json.dumps(kw))
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = tmp_path / "out" / "synth_birds"
+    assert (study / "ssagan-none-s9" / "metrics.json").exists() and (study / "samples_by_loss.png").exists()
+
+
+def test_reproduce_notebook_with_cub_asks_for_the_dataset(tmp_path):
+    r = papermill(tmp_path / "out.ipynb", "-p", "dataset", "cub", "-p", "device", "cpu",
+                  "-p", "extra", json.dumps(dict(data_dir=str(tmp_path / "birds"))))
+    assert r.returncode != 0
+    assert f"data_dir '{tmp_path / 'birds'}' does not exist: a cub run needs the dataset" in r.stdout + r.stderr

@@ -1,0 +1,84 @@
+"Tables regenerate byte for byte from run metrics; paper and measured numbers stay in separate columns."
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from t2i_nb.tables import SYNTH_STUDY, collect_runs, paper_table, study_table, write_fake_run, write_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = ("table1_cub.md", "table2_coco.md", "table_synthbirds.md")
+
+
+def test_committed_tables_are_regenerated_identically_from_committed_metrics(tmp_path):
+    paths = write_tables(ROOT / "results", tmp_path)
+    for name in TABLES:
+        assert (ROOT / "results" / name).exists(), f"results/{name} is not committed"
+        assert paths[name].read_text() == (ROOT / "results" / name).read_text(), f"results/{name} is stale: run nbs/tables.ipynb"
+
+
+def test_committed_synthbirds_study_has_five_presets_by_three_seeds():
+    runs = collect_runs(ROOT / "results")
+    study = runs[runs.study == SYNTH_STUDY]
+    seeds = study.groupby("loss").seed.nunique()
+    assert dict(seeds) == {l: 3 for l in ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap")}
+
+
+@pytest.fixture
+def study(tmp_path):
+    rng = np.random.default_rng(0)
+    vals = {}
+    for loss in ("none", "f2f_r2f"):
+        for seed in (1, 2, 3):
+            v = dict(fid_sb_1k_test=rng.uniform(5, 9), is_sb_1k=rng.uniform(8, 10), rprec_100_heldout=rng.uniform(0.1, 0.3),
+                     semantic_acc_sb=rng.uniform(0.4, 0.7), consistency_sb=rng.uniform(0.2, 0.4))
+            write_fake_run(tmp_path / SYNTH_STUDY / f"ssagan-{loss}-s{seed}", v, loss=loss, seed=seed)
+            vals.setdefault(loss, []).append(v)
+    write_fake_run(tmp_path / "runs" / "coco-run", dict(fid_clean_30k_test=20.0, rprec_100_train=0.9), dataset="coco", loss="r2f")
+    return tmp_path, vals
+
+
+def test_study_table_cells_are_mean_and_sample_std_over_seeds(study):
+    root, vals = study
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in study_table(collect_runs(root), SYNTH_STUDY).splitlines()[2:]}
+    for loss, runs in vals.items():
+        fid = np.array([r["fid_sb_1k_test"] for r in runs]); rp = np.array([r["rprec_100_heldout"] for r in runs]) * 100
+        assert rows[loss][1] == "3"
+        assert rows[loss][2].strip("*") == f"{fid.mean():.2f} ± {fid.std(ddof=1):.2f}"
+        assert rows[loss][4].strip("*") == f"{rp.mean():.1f} ± {rp.std(ddof=1):.1f}"
+    best_fid = min(vals, key=lambda l: np.mean([r["fid_sb_1k_test"] for r in vals[l]]))
+    assert rows[best_fid][2].startswith("**") and not rows[({"none", "f2f_r2f"} - {best_fid}).pop()][2].startswith("**")
+
+
+def test_paper_numbers_and_measured_numbers_never_share_a_column(study):
+    root, _ = study
+    t2 = paper_table(collect_runs(root), "table2_coco").splitlines()
+    header = t2[2].split(" | ")
+    assert header[1:4] == ["paper IS ↑", "paper FID ↓", "paper R-prec % ↑"]
+    assert header[4:6] == ["measured FID ↓ `fid_clean_30k_test`", "measured R-prec % ↑ `rprec_100_train`"]
+    r2f = next(l for l in t2 if l.startswith("| SSAGAN + CL (R2F) ")).split(" | ")
+    assert r2f[1:6] == ["7.6", "12.08", "85.2", "20.00 (n=1)", "90.00 (n=1)"]
+    none = next(l for l in t2 if l.startswith("| SSAGAN | ")).split(" | ")
+    assert none[4:6] == ["—", "—"]
+
+
+def test_tables_notebook_writes_the_same_files_as_the_library(study, tmp_path_factory):
+    root, _ = study
+    out_nb, out_lib = tmp_path_factory.mktemp("nb"), tmp_path_factory.mktemp("lib")
+    pm = ROOT / ".venv/bin/papermill"
+    r = subprocess.run([str(pm) if pm.exists() else "papermill", str(ROOT / "nbs/tables.ipynb"), str(out_nb / "t.ipynb"),
+                        "-p", "root", str(root), "-p", "out_dir", str(out_nb)], capture_output=True, text=True, timeout=300,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    write_tables(root, out_lib)
+    for name in TABLES: assert (out_nb / name).read_text() == (out_lib / name).read_text()
+    assert (out_nb / "synthbirds_metrics.png").stat().st_size > 10_000
+
+
+def test_a_corrupt_metrics_file_is_named(tmp_path):
+    run = write_fake_run(tmp_path / "r", {"fid_sb_1k_test": 1.0})
+    (run / "metrics.json").write_text("[{")
+    with pytest.raises(ValueError, match=r"r/metrics.json is not valid JSON"):
+        collect_runs(tmp_path)
