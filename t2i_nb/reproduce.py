@@ -56,20 +56,32 @@ def _asset_config(cfgs):
     from t2i_nb.losses import loss_config
     return max(cfgs, key=lambda c: loss_config(c.loss, **c.lambdas).lambda_cap > 0)
 
+def _outcomes(todo: list[TrainConfig], workers: int, threads: int | None):
+    "Yield `(cfg, (name, seconds) or the exception)` as runs finish: in this process for one worker, else in a pool."
+    if workers == 1:
+        if threads: torch.set_num_threads(threads)
+        for c in todo:
+            try: yield c, _run(c, progress=True)
+            except Exception as e: yield c, e
+        return
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads,)) as pool:
+        jobs = {pool.submit(_run, c, False): c for c in todo}
+        for job in as_completed(jobs):
+            try: yield jobs[job], job.result()
+            except Exception as e: yield jobs[job], e
+
 def run_study(cfgs: list[TrainConfig], workers: int = 1, threads: int | None = None) -> list[Path]:
     "Train and evaluate the unfinished runs of `cfgs` in `workers` processes; raises `StudyError` listing failures at the end."
     todo = [c for c in cfgs if not is_done(c)]
     print(f"{len(cfgs) - len(todo)} of {len(cfgs)} runs already finished; {len(todo)} to go with {workers} worker(s)")
     if not todo: return [c.run_dir for c in cfgs]
     prepare_assets(_asset_config(todo))                          # build every cache once, before the workers read it
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
     failed = {}
-    with tqdm(total=len(todo), desc="study runs") as bar, ProcessPoolExecutor(
-            workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads,)) as pool:
-        jobs = {pool.submit(_run, c, workers == 1): c for c in todo}
-        for job in as_completed(jobs):
-            try: name, secs = job.result(); bar.write(f"finished {name} in {secs / 60:.1f} min")
-            except Exception as e: failed[jobs[job].name] = f"{type(e).__name__}: {e}"; bar.write(f"FAILED {jobs[job].name}: {e}")
+    with tqdm(total=len(todo), desc="study runs") as bar:
+        for cfg, out in _outcomes(todo, workers, threads):
+            if isinstance(out, Exception): failed[cfg.name] = f"{type(out).__name__}: {out}"; bar.write(f"FAILED {cfg.name}: {out}")
+            else: bar.write(f"finished {cfg.name} in {out[1] / 60:.1f} min")
             bar.update()
     if failed: raise StudyError(f"{len(failed)} of {len(todo)} runs failed (the others are written): " +
                                 "; ".join(f"{k}: {v}" for k, v in failed.items()))

@@ -109,9 +109,9 @@ def study_table(runs: pd.DataFrame, study: str, columns=SB_COLUMNS) -> str:
 class PaperRow:
     "A row of the paper's tables, as printed."
     method: str
-    IS: float
-    FID: float
-    R: float          # R-precision, %
+    IS: str           # as printed (strings keep the paper's decimals)
+    FID: str
+    R: str            # R-precision, %
     arch: str | None = None   # our architecture, if implemented
     loss: str | None = None   # our loss preset
     note: str = ""
@@ -119,22 +119,22 @@ class PaperRow:
 _COPIED = "IS and FID equal published numbers (copied); R re-measured"
 PAPER_TABLES = Registry("paper table", {
     "table1_cub": ("cub", "Table 1 (CUB)", (
-        PaperRow("AttnGAN", 4.36, 23.98, 58.06, note=_COPIED + " (AttnGAN's own R is 67.82)"),
-        PaperRow("AttnGAN + CL", 4.42, 16.34, 60.52, note=_COPIED + " (Ye et al. 2021)"),
-        PaperRow("Style1AttnGAN", 4.20, 36.82, 61.25),
-        PaperRow("Style1AttnGAN + CL (F2F)", 3.09, 41.32, 62.30),
-        PaperRow("Style2AttnGAN + CL (R2F)", 3.59, 38.51, 64.53),
-        PaperRow("SSAGAN", 4.89, 9.76, 75.67, "ssagan", "none", "SSA-GAN's paper: IS 5.17, FID 15.61; FID protocol unstated"),
-        PaperRow("SSAGAN + CL (F2F)", 4.95, 9.62, 70.49, "ssagan", "f2f"),
-        PaperRow("SSAGAN + CL (R2F+F2F)", 5.18, 9.12, 72.85, "ssagan", "f2f_r2f"),
-        PaperRow("SSAGAN + CL (R2F+F2F+R)", 5.03, 9.16, 72.28, "ssagan", "f2f_r2f_cap"),
+        PaperRow("AttnGAN", "4.36", "23.98", "58.06", note=_COPIED + " (AttnGAN's own R is 67.82)"),
+        PaperRow("AttnGAN + CL", "4.42", "16.34", "60.52", note=_COPIED + " (Ye et al. 2021)"),
+        PaperRow("Style1AttnGAN", "4.20", "36.82", "61.25"),
+        PaperRow("Style1AttnGAN + CL (F2F)", "3.09", "41.32", "62.30"),
+        PaperRow("Style2AttnGAN + CL (R2F)", "3.59", "38.51", "64.53"),
+        PaperRow("SSAGAN", "4.89", "9.76", "75.67", "ssagan", "none", "SSA-GAN's paper: IS 5.17, FID 15.61; FID protocol unstated"),
+        PaperRow("SSAGAN + CL (F2F)", "4.95", "9.62", "70.49", "ssagan", "f2f"),
+        PaperRow("SSAGAN + CL (R2F+F2F)", "5.18", "9.12", "72.85", "ssagan", "f2f_r2f"),
+        PaperRow("SSAGAN + CL (R2F+F2F+R)", "5.03", "9.16", "72.28", "ssagan", "f2f_r2f_cap"),
     )),
     "table2_coco": ("coco", "Table 2 (COCO)", (
-        PaperRow("AttnGAN", 6.08, 30.67, 83.8, note="IS about 4x below every standard COCO IS (25-35)"),
-        PaperRow("AttnGAN + CL", 6.29, 26.89, 84.24, note="IS about 4x below every standard COCO IS"),
-        PaperRow("SSAGAN", 7.18, 19.37, 82.45, "ssagan", "none", "FID equals SSA-GAN's paper (copied); IS, R re-measured"),
-        PaperRow("SSAGAN + CL (R2F)", 7.6, 12.08, 85.20, "ssagan", "r2f"),
-        PaperRow("SSAGAN + CL (R2F + F2F)", 7.62, 10.89, 88.21, "ssagan", "f2f_r2f"),
+        PaperRow("AttnGAN", "6.08", "30.67", "83.8", note="IS about 4x below every standard COCO IS (25-35)"),
+        PaperRow("AttnGAN + CL", "6.29", "26.89", "84.24", note="IS about 4x below every standard COCO IS"),
+        PaperRow("SSAGAN", "7.18", "19.37", "82.45", "ssagan", "none", "FID equals SSA-GAN's paper (copied); IS, R re-measured"),
+        PaperRow("SSAGAN + CL (R2F)", "7.6", "12.08", "85.20", "ssagan", "r2f"),
+        PaperRow("SSAGAN + CL (R2F + F2F)", "7.62", "10.89", "88.21", "ssagan", "f2f_r2f"),
     )),
 })
 PAPER_COLUMNS = (
@@ -157,10 +157,12 @@ def paper_table(runs: pd.DataFrame, name: str) -> str:
     measured = [(c, m) for c in PAPER_COLUMNS for m in c.metrics(sub)]
     header = ["method", "paper IS ↑", "paper FID ↓", "paper R-prec % ↑"]
     header += [f"measured {c.title} `{m}`" for c, m in measured] or ["measured"]
-    body = [[r.method, f"{r.IS:g}", f"{r.FID:g}", f"{r.R:g}"] +
+    body = [[r.method, r.IS, r.FID, r.R] +
             ([_measured(sub, r, m, c) for c, m in measured] or ["not implemented" if r.arch is None else "no runs yet"]) + [r.note]
             for r in rows]
-    return f"{title}: paper numbers as printed; measured = our runs, mean ± std over seeds (n runs)\n\n" + _md(header + ["note"], body)
+    return (f"{title}: paper numbers as printed; measured = our runs, mean ± std over seeds (n runs)\n\n" + _md(header + ["note"], body) +
+            f"\nMeasured rows come from `papermill nbs/reproduce.ipynb OUT.ipynb -p dataset {dataset} -p device cuda` "
+            f"(dataset and DAMSM encoders in place, see README); AttnGAN and Style-AttnGAN are not implemented here.\n")
 
 # %% ../nbs/09_tables.ipynb
 def study_plot(runs: pd.DataFrame, study: str, path, columns=SB_COLUMNS) -> Path:

@@ -199,7 +199,7 @@ def save_grid(rows: list[torch.Tensor], texts: list[str], path, row_labels=None,
     fig, axs = plt.subplots(n_r, n_c, figsize=(1.6 * n_c, 1.6 * n_r + 0.9), squeeze=False)
     for r, imgs in enumerate(rows):
         for c in range(n_c):
-            ax = axs[r, c]; ax.imshow(((imgs[c].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy()); ax.set_xticks([]); ax.set_yticks([])
+            ax = axs[r, c]; ax.imshow(((imgs[c].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest"); ax.set_xticks([]); ax.set_yticks([])
             if r == 0: ax.set_title(textwrap.fill(texts[c], 22), fontsize=6)
             if c == 0 and row_labels: ax.set_ylabel(row_labels[r], fontsize=7)
     if title: fig.suptitle(title, fontsize=9)

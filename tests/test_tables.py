@@ -59,7 +59,7 @@ def test_paper_numbers_and_measured_numbers_never_share_a_column(study):
     assert header[1:4] == ["paper IS ↑", "paper FID ↓", "paper R-prec % ↑"]
     assert header[4:6] == ["measured FID ↓ `fid_clean_30k_test`", "measured R-prec % ↑ `rprec_100_train`"]
     r2f = next(l for l in t2 if l.startswith("| SSAGAN + CL (R2F) ")).split(" | ")
-    assert r2f[1:6] == ["7.6", "12.08", "85.2", "20.00 (n=1)", "90.00 (n=1)"]
+    assert r2f[1:6] == ["7.6", "12.08", "85.20", "20.00 (n=1)", "90.00 (n=1)"]
     none = next(l for l in t2 if l.startswith("| SSAGAN | ")).split(" | ")
     assert none[4:6] == ["—", "—"]
 
