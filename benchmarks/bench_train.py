@@ -9,6 +9,11 @@ f2f, ...), so load from other processes hits every preset alike; the median is r
     python benchmarks/bench_train.py                       # SynthBirds 64 px, the synth_birds training preset
     python benchmarks/bench_train.py --rounds 3 --malloc both --threads 1
     python benchmarks/bench_train.py --img-size 256 --ngf 64 --ndf 64 --batch-size 4 --device cuda
+    python benchmarks/bench_train.py --parallel 2 --presets f2f_r2f --steps 10   # 1 process x 2 threads vs 2 x 1 (studies)
+
+`--parallel W` answers how to lay out a study on a CPU (`t2i_nb.reproduce.run_study(workers=...)`): the same preset
+as one process using every core, then as W processes with one thread each that time their steps simultaneously
+(they wait for a common start time after warm-up); images/s in all is compared.
 """
 from __future__ import annotations
 import argparse, json, os, statistics, subprocess, sys, tempfile
@@ -34,6 +39,7 @@ def step():
     train_step(m, batch, enc, lc, torch.randn(a["batch_size"], 100, device=dev))
     if dev.type == "cuda": torch.cuda.synchronize()
 step(); step()                                          # warm-up
+while time.time() < a.get("start_at", 0): time.sleep(0.05)   # --parallel: time the processes together
 times = []
 for _ in range(a["steps"]):
     t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
@@ -47,6 +53,26 @@ def run(args, preset, keep_freed):
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(a)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if out.returncode: raise SystemExit(f"{preset}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def parallel(args, workers):
+    "images/s of one process with every core, then of `workers` one-thread processes timed together."
+    import time
+    preset = args.presets.split(",")[0]
+    one = run(argparse.Namespace(**{**vars(args), "threads": os.cpu_count()}), preset, True)
+    procs, start = [], time.time() + 45
+    for _ in range(workers):
+        a = dict(vars(args), preset=preset, keep_freed=True, threads=1, start_at=start)
+        procs.append(subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(a)], stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL))
+    many = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    rows = [(f"1 x {one['threads']} threads", [one]), (f"{workers} x 1 thread", many)]
+    print(f"{preset}, {args.img_size} px, ngf {args.ngf}, batch {args.batch_size}, median of {args.steps} steps per process, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("| processes x threads | s/step per process | images/s in all | x one process |\n|---|---|---|---|")
+    base = args.batch_size / statistics.median(one["times"])
+    for name, rs in rows:
+        ips = sum(args.batch_size / statistics.median(r["times"]) for r in rs)
+        print(f"| {name} | {statistics.median(t for r in rs for t in r['times']):.2f} | {ips:.1f} | {ips / base:.2f} |")
 
 
 def main():
@@ -64,10 +90,12 @@ def main():
     ap.add_argument("--malloc", choices=("default", "keep", "both"), default="keep")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--parallel", type=int, default=0, help="compare 1 process x all cores with N processes x 1 thread")
     args = ap.parse_args()
     from t2i_nb.train import TRAIN_PRESETS
     p = TRAIN_PRESETS["synth_birds"]
     args.ngf, args.ndf, args.batch_size = args.ngf or p.ngf, args.ndf or p.ndf, args.batch_size or p.batch_size
+    if args.parallel: return parallel(args, args.parallel)
     presets = args.presets.split(",")
     modes = {"default": [False], "keep": [True], "both": [False, True]}[args.malloc]
     res = {(n, k): [] for n in presets for k in modes}
