@@ -176,7 +176,7 @@ def study_plot(runs: pd.DataFrame, study: str, path, columns=SB_COLUMNS) -> Path
     for ax, (col, name) in zip(axs[0], panels):
         d = sub[sub.metric == name].assign(value=lambda x: x.value * col.scale)
         sns.barplot(data=d, x="loss", y="value", order=order, errorbar="sd", ax=ax, color="#9ecae1", capsize=0.2)
-        sns.stripplot(data=d, x="loss", y="value", order=order, ax=ax, color="k", size=3.5, jitter=0.15)
+        sns.stripplot(data=d, x="loss", y="value", order=order, ax=ax, color="k", size=3.5, jitter=False)  # no random jitter: the PNG is reproducible
         ax.set_title(f"{col.title}\n{name}", fontsize=9); ax.set_xlabel(""); ax.set_ylabel("")
         ax.tick_params(axis="x", rotation=40, labelsize=8)
     fig.suptitle(f"{study}: mean ± std over seeds (dots: seeds)", fontsize=10)
