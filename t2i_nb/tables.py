@@ -144,21 +144,23 @@ PAPER_COLUMNS = (
 )
 
 # %% ../nbs/09_tables.ipynb
-def _measured(sub: pd.DataFrame, row: PaperRow, name: str, col: Column) -> str:
+def _measured(stats: pd.DataFrame, row: PaperRow, name: str, col: Column) -> str:
+    "One measured cell from `summarize` output indexed by (arch, loss, metric)."
     if row.arch is None: return "not implemented"
-    v = sub[(sub.arch == row.arch) & (sub.loss == row.loss) & (sub.metric == name)].value
-    if v.empty: return "—"
-    return fmt(v.mean(), v.std(ddof=1) if len(v) > 1 else np.nan, len(v), col.scale, col.digits) + f" (n={len(v)})"
+    if (row.arch, row.loss, name) not in stats.index: return "—"
+    mean, std, n = stats.loc[(row.arch, row.loss, name), ["mean", "std", "n"]]
+    return fmt(mean, std, n, col.scale, col.digits) + f" (n={int(n)})"
 
 def paper_table(runs: pd.DataFrame, name: str) -> str:
     "Markdown: the paper's rows and numbers in *paper* columns, our runs' in *measured* columns (one per protocol)."
     dataset, title, rows = PAPER_TABLES[name]
     sub = runs[runs.dataset == dataset]
     measured = [(c, m) for c in PAPER_COLUMNS for m in c.metrics(sub)]
+    stats = summarize(sub, keys=("arch", "loss")).set_index(["arch", "loss", "metric"])
     header = ["method", "paper IS ↑", "paper FID ↓", "paper R-prec % ↑"]
     header += [f"measured {c.title} `{m}`" for c, m in measured] or ["measured"]
     body = [[r.method, r.IS, r.FID, r.R] +
-            ([_measured(sub, r, m, c) for c, m in measured] or ["not implemented" if r.arch is None else "no runs yet"]) + [r.note]
+            ([_measured(stats, r, m, c) for c, m in measured] or ["not implemented" if r.arch is None else "no runs yet"]) + [r.note]
             for r in rows]
     return (f"{title}: paper numbers as printed; measured = our runs, mean ± std over seeds (n runs)\n\n" + _md(header + ["note"], body) +
             f"\nMeasured rows come from `papermill nbs/reproduce.ipynb OUT.ipynb -p dataset {dataset} -p device cuda` "

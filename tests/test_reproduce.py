@@ -1,6 +1,5 @@
 "A tiny study: parallel workers, skipping finished runs, failures reported by name, the cross-preset grid."
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,8 +8,6 @@ from PIL import Image
 
 from t2i_nb.reproduce import StudyError, is_done, loss_grid, run_study, study_configs
 from t2i_nb.train import make_config, prepare_assets, read_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +56,15 @@ def _ckpt(cfg):
     return cfg.run_dir / "checkpoints" / "ckpt_0001.pt"
 
 
-def papermill(out, *args):
-    pm = ROOT / ".venv/bin/papermill"
-    return subprocess.run([str(pm) if pm.exists() else "papermill", str(ROOT / "nbs/reproduce.ipynb"), str(out), "--cwd", str(ROOT),
-                           *args], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
-
-
-def test_reproduce_notebook_runs_a_tiny_study(tiny, tmp_path):
+def test_reproduce_notebook_runs_a_tiny_study(tiny, tmp_path, papermill):
     root, kw = tiny
-    r = papermill(tmp_path / "out.ipynb", "-y", "losses: [none]\nseeds: [9]", "-p", "out_dir", str(tmp_path / "out"),
-                  "-p", "extra", json.dumps(kw))
+    r = papermill("reproduce", tmp_path / "out.ipynb", "-y", "losses: [none]\nseeds: [9]", out_dir=tmp_path / "out", extra=kw)
     assert r.returncode == 0, r.stderr[-3000:]
     study = tmp_path / "out" / "synth_birds"
     assert (study / "ssagan-none-s9" / "metrics.json").exists() and (study / "samples_by_loss.png").exists()
 
 
-def test_reproduce_notebook_with_cub_asks_for_the_dataset(tmp_path):
-    r = papermill(tmp_path / "out.ipynb", "-p", "dataset", "cub", "-p", "device", "cpu",
-                  "-p", "extra", json.dumps(dict(data_dir=str(tmp_path / "birds"))))
+def test_reproduce_notebook_with_cub_asks_for_the_dataset(tmp_path, papermill):
+    r = papermill("reproduce", tmp_path / "out.ipynb", dataset="cub", device="cpu", extra=dict(data_dir=str(tmp_path / "birds")))
     assert r.returncode != 0
     assert f"data_dir '{tmp_path / 'birds'}' does not exist: a cub run needs the dataset" in r.stdout + r.stderr

@@ -1,6 +1,4 @@
 "Tables regenerate byte for byte from run metrics; paper and measured numbers stay in separate columns."
-import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +62,10 @@ def test_paper_numbers_and_measured_numbers_never_share_a_column(study):
     assert none[4:6] == ["—", "—"]
 
 
-def test_tables_notebook_writes_the_same_files_as_the_library(study, tmp_path_factory):
+def test_tables_notebook_writes_the_same_files_as_the_library(study, tmp_path_factory, papermill):
     root, _ = study
     out_nb, out_lib = tmp_path_factory.mktemp("nb"), tmp_path_factory.mktemp("lib")
-    pm = ROOT / ".venv/bin/papermill"
-    r = subprocess.run([str(pm) if pm.exists() else "papermill", str(ROOT / "nbs/tables.ipynb"), str(out_nb / "t.ipynb"),
-                        "-p", "root", str(root), "-p", "out_dir", str(out_nb)], capture_output=True, text=True, timeout=300,
-                       stdin=subprocess.DEVNULL)
+    r = papermill("tables", out_nb / "t.ipynb", root=root, out_dir=out_nb)
     assert r.returncode == 0, r.stderr[-3000:]
     write_tables(root, out_lib)
     for name in TABLES: assert (out_nb / name).read_text() == (out_lib / name).read_text()

@@ -108,16 +108,9 @@ def test_cub_without_its_data_dir_fails_fast(tmp_path):
         make_config("cub", data_dir=str(tmp_path / "nowhere"))
 
 
-def papermill(out, **params):
-    args = [str(ROOT / ".venv/bin/papermill") if (ROOT / ".venv/bin/papermill").exists() else "papermill",
-            str(ROOT / "nbs/train.ipynb"), str(out), "--cwd", str(ROOT)]
-    for k, v in params.items(): args += ["-p", k, json.dumps(v) if isinstance(v, dict) else str(v)]
-    return subprocess.run(args, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
-
-
-def test_train_notebook_runs_under_papermill_with_tiny_parameters(tiny, tmp_path):
+def test_train_notebook_runs_under_papermill_with_tiny_parameters(tiny, tmp_path, papermill):
     extra = dict(n_train=tiny["n_train"], n_test=tiny["n_test"], pretrain_epochs=1, sample_every=1)
-    r = papermill(tmp_path / "out.ipynb", data_dir=tiny["data_dir"], out_dir=str(tmp_path / "runs"), run_name="pm",
+    r = papermill("train", tmp_path / "out.ipynb", data_dir=tiny["data_dir"], out_dir=str(tmp_path / "runs"), run_name="pm",
                   epochs=1, batch_size=8, ngf=8, ndf=8, n_eval=500, device="cpu", loss="f2f", extra=extra)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "pm"
@@ -131,6 +124,6 @@ def test_train_notebook_runs_under_papermill_with_tiny_parameters(tiny, tmp_path
     assert set(pd.read_csv(run / "losses.csv").columns) >= {"step", "d_loss", "magp", "g_adv", "g_damsm", "g_f2f", "g_loss"}
 
 
-def test_train_notebook_reports_bad_parameters(tmp_path):
-    r = papermill(tmp_path / "bad.ipynb", loss="nope")
+def test_train_notebook_reports_bad_parameters(tmp_path, papermill):
+    r = papermill("train", tmp_path / "bad.ipynb", loss="nope")
     assert r.returncode != 0 and "unknown loss preset 'nope'" in (r.stdout + r.stderr)
