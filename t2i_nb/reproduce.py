@@ -42,10 +42,11 @@ def is_done(cfg: TrainConfig) -> bool:
 
 def _init_worker(threads: int): torch.set_num_threads(threads)
 
-def _run(cfg: TrainConfig, progress: bool) -> tuple[str, float]:
+def _run(cfg: TrainConfig, progress: bool) -> float:
+    "Train one run; its wall time in seconds."
     t0 = time.time()
     train(cfg, progress=progress)
-    return cfg.name, time.time() - t0
+    return time.time() - t0
 
 class StudyError(RuntimeError):
     "Some runs of a study failed; the others finished."
@@ -57,7 +58,7 @@ def _asset_config(cfgs):
     return max(cfgs, key=lambda c: loss_config(c.loss, **c.lambdas).lambda_cap > 0)
 
 def _outcomes(todo: list[TrainConfig], workers: int, threads: int | None):
-    "Yield `(cfg, (name, seconds) or the exception)` as runs finish: in this process for one worker, else in a pool."
+    "Yield `(cfg, seconds or the exception)` as runs finish: in this process for one worker, else in a pool."
     if workers == 1:
         if threads: torch.set_num_threads(threads)
         for c in todo:
@@ -81,7 +82,7 @@ def run_study(cfgs: list[TrainConfig], workers: int = 1, threads: int | None = N
     with tqdm(total=len(todo), desc="study runs") as bar:
         for cfg, out in _outcomes(todo, workers, threads):
             if isinstance(out, Exception): failed[cfg.name] = f"{type(out).__name__}: {out}"; bar.write(f"FAILED {cfg.name}: {out}")
-            else: bar.write(f"finished {cfg.name} in {out[1] / 60:.1f} min")
+            else: bar.write(f"finished {cfg.name} in {out / 60:.1f} min")
             bar.update()
     if failed: raise StudyError(f"{len(failed)} of {len(todo)} runs failed (the others are written): " +
                                 "; ".join(f"{k}: {v}" for k, v in failed.items()))
