@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .core import atomic_torch_save, atomic_write_json, get_device, seed_everything
 from .data import TextImageDataset, check_vocab_size, epoch_loader
+from .files import safe_torch_load
 
 # %% auto 0
 __all__ = ['CaptionerConfig', 'CaptionEncoder', 'Captioner', 'caption_targets', 'caption_loss', 'freeze', 'recaption_loss',
@@ -199,7 +200,7 @@ def pretrain_captioner(data_root, cfg: CaptionerConfig = CaptionerConfig(), out_
 
 def load_captioner(path, n_words: int | None = None, device="cpu") -> Captioner:
     "A frozen captioner from `captioner.pth`; `n_words` (the dataset's vocabulary size) is checked if given."
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = safe_torch_load(path)
     if n_words is not None: check_vocab_size(n_words, ck["n_words"], ckpt=str(path))
     model = Captioner(ck["n_words"], CaptionerConfig(**ck["config"]))
     model.load_state_dict(ck["model"])

@@ -14,7 +14,7 @@ import torch
 # %% auto 0
 __all__ = ['get_device', 'seed_everything', 'rng_state', 'set_rng_state', 'UnknownNameError', 'Registry', 'atomic_write',
            'atomic_torch_save', 'atomic_write_json', 'to_dict', 'config_key', 'file_hash', 'NonFiniteLossError',
-           'check_finite', 'keep_freed_memory']
+           'check_finite', 'nonfinite_tensors', 'keep_freed_memory']
 
 # %% ../nbs/00_core.ipynb
 def get_device(device: str | torch.device = "auto") -> torch.device:
@@ -39,14 +39,21 @@ def seed_everything(seed: int) -> int:
 
 # %% ../nbs/00_core.ipynb
 def rng_state() -> dict:
-    "Snapshot of every global RNG (Python, NumPy, torch CPU and CUDA), for checkpoints."
-    st = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    "Snapshot of every global RNG (Python, NumPy, torch CPU and CUDA) as tensors and lists (`weights_only` loadable)."
+    v, keys, pos = random.getstate()
+    kind, np_keys, np_pos, has_gauss, gauss = np.random.get_state()
+    st = dict(python=[v, list(keys), pos], numpy=[kind, np_keys.tolist(), int(np_pos), int(has_gauss), float(gauss)],
+              torch=torch.get_rng_state())
     if torch.cuda.is_available(): st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 def set_rng_state(st: dict):
     "Restore a snapshot taken by `rng_state`."
-    random.setstate(st["python"]); np.random.set_state(st["numpy"]); torch.set_rng_state(st["torch"])
+    v, keys, pos = st["python"]
+    random.setstate((v, tuple(keys), pos))
+    kind, np_keys, *rest = st["numpy"]
+    np.random.set_state((kind, np.asarray(np_keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
 
 # %% ../nbs/00_core.ipynb
@@ -125,6 +132,13 @@ def check_finite(terms: dict, where: str = ""):
     bad = {k: float(v) for k, v in terms.items() if not np.isfinite(float(v))}
     if bad:
         raise NonFiniteLossError(f"non-finite loss {bad}{' at ' + where if where else ''}; stopping before the optimizer step")
+
+def nonfinite_tensors(tree, prefix: str = "") -> list[str]:
+    "Names (dotted paths) of the floating-point tensors in a nested dict/list of `tree` that hold NaN or inf."
+    if torch.is_tensor(tree):
+        return [prefix or "tensor"] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return [b for k, v in items for b in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
 
 # %% ../nbs/00_core.ipynb
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameter ids

@@ -273,6 +273,9 @@ def pretrain_damsm(cfg: DAMSMConfig, data_root, out_dir, device="cpu",
     kw = dict(img_size=cfg.img_size, words_num=cfg.words_num, cache_images=cfg.cache_images, seed=cfg.seed)
     train = TextImageDataset(data_root, "train", two_captions=cfg.contrastive, augment=cfg.augment, **kw)
     test = TextImageDataset(data_root, "test", two_captions=cfg.contrastive, **kw)
+    if len(train) < cfg.batch_size:
+        raise ValueError(f"DAMSM batch_size {cfg.batch_size} is larger than the {len(train)} training images of "
+                         f"{data_root}: an epoch would have no step")
     text_enc, img_enc = build_encoders(cfg, train.n_words, device)
     params = list(text_enc.parameters()) + [p for p in img_enc.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))

@@ -4,20 +4,24 @@
 
 # %% ../nbs/01_data.ipynb 1
 from __future__ import annotations
-import pickle, re, warnings
+import hashlib, json, pickle, re, warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .files import UntrustedFileError, safe_pickle_load
 
 # %% auto 0
-__all__ = ['LAYOUT', 'CAPTIONS_PER_IMAGE', 'DataLayoutError', 'CorruptImageError', 'VocabMismatchError', 'check_vocab_size',
-           'tokenize', 'build_vocab', 'encode', 'read_filenames', 'read_class_ids', 'read_text_captions',
-           'build_captions_pickle', 'load_captions', 'cub_crop_box', 'read_cub_bboxes', 'load_image', 'to_tensor',
-           'resize_short', 'train_transform', 'test_transform', 'sample_words', 'mismatch_index', 'detect_kind',
-           'TextImageDataset', 'epoch_loader', 'write_fixture', 'make_synth_birds']
+__all__ = ['LAYOUT', 'CAPTIONS_PER_IMAGE', 'DataLayoutError', 'CorruptImageError', 'VocabMismatchError', 'DataCheckError',
+           'check_vocab_size', 'tokenize', 'build_vocab', 'encode', 'read_filenames', 'read_class_ids',
+           'read_text_captions', 'build_captions_pickle', 'load_captions', 'cub_crop_box', 'read_cub_bboxes',
+           'load_image', 'to_tensor', 'resize_short', 'train_transform', 'test_transform', 'sample_words',
+           'mismatch_index', 'detect_kind', 'TextImageDataset', 'epoch_loader', 'write_fixture', 'preflight',
+           'dataset_fingerprint', 'make_synth_birds']
 
 # %% ../nbs/01_data.ipynb
 class DataLayoutError(FileNotFoundError):
@@ -28,6 +32,9 @@ class CorruptImageError(OSError):
 
 class VocabMismatchError(ValueError):
     "The dataset's vocabulary size differs from a text encoder checkpoint's."
+
+class DataCheckError(ValueError):
+    "The pre-flight check found bad files or captions; the message lists every one."
 
 LAYOUT = """expected the AttnGAN layout under {root}:
   captions.pickle                      [train_captions, test_captions, ixtoword, wordtoix]
@@ -68,8 +75,7 @@ def encode(tokens, wordtoix: dict) -> list[int]:
     return [wordtoix[t] for t in tokens if t in wordtoix]
 
 # %% ../nbs/01_data.ipynb
-def _load_pickle(path):
-    with open(path, "rb") as f: return pickle.load(f, encoding="latin1")
+def _load_pickle(path): return safe_pickle_load(path, encoding="latin1")
 
 def _save_pickle(obj, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +120,11 @@ def load_captions(root, captions_per_image: int):
         if not (root / "text").is_dir():
             raise DataLayoutError(f"missing {root/'captions.pickle'} (and no text/ folder to build it from)\n{LAYOUT.format(root=root)}")
         p = build_captions_pickle(root, captions_per_image)
-    train, test, ixtoword, wordtoix = _load_pickle(p)
+    data = _load_pickle(p)
+    if not isinstance(data, (list, tuple)) or len(data) != 4:
+        raise UntrustedFileError(f"{p} should hold [train_captions, test_captions, ixtoword, wordtoix], "
+                                 f"got a {type(data).__name__}{f' of {len(data)} items' if hasattr(data, '__len__') else ''}")
+    train, test, ixtoword, wordtoix = data
     return list(train), list(test), dict(ixtoword), dict(wordtoix)
 
 # %% ../nbs/01_data.ipynb
@@ -136,12 +146,20 @@ def read_cub_bboxes(root) -> dict:
         boxes[names[i].strip()[:-4]] = tuple(float(v) for v in xywh)
     return boxes
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    "RGB, with 16- and 32-bit integer greyscale scaled to 8 bits (PIL's own convert clips them at 255)."
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() <= 65535 else float(a.max())
+        im = Image.fromarray(np.clip(np.rint(a * 255.0 / top), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
 def load_image(path, bbox=None) -> Image.Image:
     "RGB image at `path`, cropped by the CUB rule when `bbox` is given; a bad file names itself."
     path = Path(path)
     if not path.exists(): raise DataLayoutError(f"missing image {path}")
     try:
-        with Image.open(path) as im: img = im.convert("RGB")
+        with Image.open(path) as im: img = _to_rgb(im)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise CorruptImageError(f"cannot decode image {path}: {e}") from e
     return img.crop(cub_crop_box(bbox, *img.size)) if bbox is not None else img
@@ -188,12 +206,12 @@ def sample_words(ids, words_num: int, rng: np.random.Generator) -> tuple[np.ndar
 def mismatch_index(class_ids) -> torch.Tensor:
     "For each row i, the index of the next row (cyclically) whose class differs; i+1 if none does."
     c = torch.as_tensor(class_ids).reshape(-1)
-    B = len(c)
-    shifts = torch.arange(1, max(B, 2))
-    cand = (torch.arange(B)[:, None] + shifts[None, :]) % B       # B x (B-1) candidate rows
+    B, dev = len(c), c.device                                      # every tensor made here lives on c's device
+    shifts = torch.arange(1, max(B, 2), device=dev)
+    cand = (torch.arange(B, device=dev)[:, None] + shifts[None, :]) % B   # B x (B-1) candidate rows
     differs = c[cand] != c[:, None]
-    first = torch.where(differs.any(1), differs.float().argmax(1), torch.zeros(B, dtype=torch.long))
-    return cand[torch.arange(B), first]
+    first = torch.where(differs.any(1), differs.float().argmax(1), torch.zeros(B, dtype=torch.long, device=dev))
+    return cand[torch.arange(B, device=dev), first]
 
 # %% ../nbs/01_data.ipynb
 CAPTIONS_PER_IMAGE = {"cub": 10, "coco": 5}
@@ -234,8 +252,18 @@ class TextImageDataset(Dataset):
         if len(self.captions) != len(self.keys) * self.C:
             raise ValueError(f"{self.root/'captions.pickle'} has {len(self.captions)} {split} captions; "
                              f"{len(self.keys)} images x {self.C} captions = {len(self.keys)*self.C} expected")
+        self._check_caption_ids()
         self.bboxes = read_cub_bboxes(root) if self.kind == "cub" else None
         self.resolutions, self._cache = resolutions, {} if cache_images else None
+
+    def _check_caption_ids(self):
+        "Every word id must index the vocabulary (else the text encoder's embedding fails with a bare IndexError)."
+        bad = [(k, max(c)) for k, c in enumerate(self.captions) if c and (max(c) >= len(self.ixtoword) or min(c) < 0)]
+        if bad:
+            k, v = bad[0]
+            raise DataCheckError(f"{self.root/'captions.pickle'}: {len(bad)} {self.split} caption(s) hold word ids outside "
+                                 f"the vocabulary of {len(self.ixtoword):,} words, e.g. caption {k % self.C} of "
+                                 f"{self.keys[k // self.C]} has id {v}; the pickle and its vocabulary do not belong together")
 
     n_words = property(lambda self: len(self.ixtoword))
     def __len__(self): return len(self.keys)
@@ -322,6 +350,29 @@ def write_fixture(root, kind: str = "cub", n_train: int = 6, n_test: int = 3, si
         (root / "CUB_200_2011/images.txt").write_text("\n".join(lines) + "\n")
         (root / "CUB_200_2011/bounding_boxes.txt").write_text("\n".join(boxes) + "\n")
     return root
+
+# %% ../nbs/01_data.ipynb
+def preflight(ds: TextImageDataset, progress: bool = True) -> int:
+    "Decode every image of `ds`; raise `DataCheckError` listing every missing or undecodable one. Returns the count."
+    bad = []
+    for i in tqdm(range(len(ds)), desc=f"check {ds.split} images", disable=not progress, leave=False):
+        try: ds.load(i)
+        except (DataLayoutError, CorruptImageError) as e: bad.append(str(e).splitlines()[0])
+    if bad:
+        shown = "\n  ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
+        raise DataCheckError(f"{len(bad)} of {len(ds)} {ds.split} images under {ds.root} cannot be used:\n  {shown}")
+    return len(ds)
+
+_CONTENT_FILES = ("captions.pickle", "captions_DAMSM.pickle", "train/filenames.pickle", "test/filenames.pickle",
+                  "train/class_info.pickle", "test/class_info.pickle", "synthbirds.json")
+
+def dataset_fingerprint(root, n: int = 12) -> str:
+    "Short sha256 of the files that define a dataset's captions, splits and classes (and a SynthBirds build)."
+    h = hashlib.sha256()
+    for name in _CONTENT_FILES:
+        p = Path(root) / name
+        if p.is_file(): h.update(name.encode()); h.update(p.read_bytes())
+    return h.hexdigest()[:n]
 
 # %% ../nbs/01_data.ipynb
 def make_synth_birds(root, n_train: int = 2000, n_test: int = 500, img_size: int = 64, seed: int = 0, **kwargs) -> Path:

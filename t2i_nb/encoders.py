@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .core import Registry, atomic_torch_save
 from .data import check_vocab_size
+from .files import safe_torch_load
 
 # %% auto 0
 __all__ = ['INCEPTION_BLOCKS', 'INCEPTION_FILES', 'IMAGE_ENCODERS', 'TextEncoder', 'find_inception_weights',
@@ -75,7 +76,7 @@ def _fill_num_batches_tracked(sd: dict, model: nn.Module) -> dict:
     return sd
 
 def _load_sd(path) -> dict:
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = safe_torch_load(path)
     if not isinstance(sd, dict): raise ValueError(f"{path} does not hold a state dict (found {type(sd).__name__})")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 

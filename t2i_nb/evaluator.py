@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .core import atomic_torch_save, atomic_write_json, config_key, get_device, seed_everything, to_dict
-from .data import TextImageDataset, epoch_loader
+from .data import TextImageDataset, dataset_fingerprint, epoch_loader
 from .metrics import fid_result, inception_score, n_tag, parse_n, register_family, register_metric
 from .synthbirds import ATTRIBUTES, CAPTIONED, SPECIES, parse_caption, read_attributes
+from .files import safe_torch_load
 
 # %% auto 0
 __all__ = ['HEADS', 'ARCH_VERSION', 'attribute_labels', 'load_split', 'SBEvaluator', 'EvaluatorConfig', 'augment', 'predict',
@@ -137,13 +138,12 @@ ARCH_VERSION = 2   # bump when SBEvaluator's layers change, so cached evaluators
 
 def evaluator_dir(data_root, cfg: EvaluatorConfig, out_dir=None) -> Path:
     "Cache folder of the evaluator trained with `cfg` on the SynthBirds build in `data_root`."
-    info = Path(data_root) / "synthbirds.json"
-    build = json.loads(info.read_text()) if info.exists() else {}
-    return Path(out_dir or Path(data_root) / "evaluator") / config_key(dict(cfg=to_dict(cfg), data=build, arch=ARCH_VERSION))
+    data = dataset_fingerprint(data_root)          # captions, splits and the SynthBirds build: a rebuilt dataset retrains
+    return Path(out_dir or Path(data_root) / "evaluator") / config_key(dict(cfg=to_dict(cfg), data=data, arch=ARCH_VERSION))
 
 def load_evaluator(path, device="cpu") -> tuple[SBEvaluator, dict]:
     "(model in eval mode, report) from an evaluator.pt written by `train_evaluator`."
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = safe_torch_load(path)
     c = ck["config"]
     model = SBEvaluator(c["width"], c["feat_dim"], c["img_size"], ck["heads"])
     model.load_state_dict(ck["state_dict"])

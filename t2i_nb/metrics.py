@@ -246,9 +246,10 @@ def run_pass(batches, extractors: dict, n: int | None = None, device="cpu", desc
 
 # %% ../nbs/07_metrics.ipynb
 def compute_reference_stats(batches, extractor, dataset: str, split: str, cache_dir, n: int | None = None,
-                            key: str = "feats", device="cpu") -> dict:
+                            key: str = "feats", device="cpu",
+                            data_key: str | None = None) -> dict:  # fingerprint of the data (data.dataset_fingerprint)
     "Statistics of real images' features for one dataset/split/protocol; computed once, then read from cache_dir."
-    proto = dict(dataset=dataset, split=split, n_max=n, **extractor.info())
+    proto = dict(dataset=dataset, split=split, n_max=n, **extractor.info(), **({"data": data_key} if data_key else {}))
     path = Path(cache_dir) / f"{dataset}_{split}_{extractor.name}_{proto.get('resize', 'na')}_{config_key(proto)}.npz"
     if path.exists(): return load_stats(path)
     f = run_pass(batches, {"x": extractor}, n=n, device=device, desc=f"reference {dataset}/{split}")["x"][key]

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import check_finite
+from .files import safe_torch_load
 
 # %% auto 0
 __all__ = ['PRESETS', 'cond_mlp', 'SSCBN', 'mask_predictor', 'SSABlock', 'g_channel_mults', 'SSAGenerator', 'n_params',
@@ -308,7 +309,7 @@ def clean_state_dict(sd) -> dict:
 
 def _read_state_dict(src) -> tuple[dict, str]:
     if isinstance(src, (str, Path)):
-        return clean_state_dict(torch.load(src, map_location="cpu", weights_only=True)), str(src)
+        return clean_state_dict(safe_torch_load(src)), str(src)
     return clean_state_dict(src), "the state dict"
 
 def _fill_bn_counters(sd: dict, model: nn.Module) -> list[str]:

@@ -194,6 +194,17 @@ def _write_image(root, i, seed, img_size):
     return key, a, box
 
 # %% ../nbs/01a_synthbirds.ipynb
+def _refuse_foreign(root: Path, info: Path):
+    "A folder that exists, is not empty and was not made by `build_synth_birds` holds someone's data: never write there."
+    if info.exists() or not root.exists(): return
+    if not root.is_dir(): raise FileExistsError(f"{root} is a file, not a folder: choose another data_dir for SynthBirds")
+    found = sorted(p.name for p in root.iterdir())
+    if found:
+        shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
+        raise FileExistsError(f"{root} already holds files that SynthBirds did not write ({shown}) and no synthbirds.json: "
+                              f"refusing to build SynthBirds there, which would overwrite them. For a CUB or COCO folder "
+                              f"set dataset='cub'/'coco'; for SynthBirds choose an empty or new data_dir.")
+
 def build_synth_birds(root, n_train: int = 2000, n_test: int = 500, img_size: int = 64, seed: int = 0,
                       overwrite: bool = False, progress: bool = True) -> Path:
     "Write SynthBirds to `root` in the CUB layout (skipped if an identical build is there); returns `root`."
@@ -201,7 +212,9 @@ def build_synth_birds(root, n_train: int = 2000, n_test: int = 500, img_size: in
     params = dict(n_train=n_train, n_test=n_test, img_size=img_size, seed=seed, version=1)
     info = root / "synthbirds.json"
     if not overwrite and info.exists() and json.loads(info.read_text()) == params: return root
+    _refuse_foreign(root, info)
     root.mkdir(parents=True, exist_ok=True)
+    info.write_text(json.dumps(dict(params, building=True)) + "\n")   # marks the folder as ours before any write
     n, S = n_train + n_test, round(img_size * 1.25)
     rows = [_write_image(root, i, seed, img_size) for i in tqdm(range(n), desc="SynthBirds", disable=not progress)]
     splits = {"train": rows[:n_train], "test": rows[n_train:]}

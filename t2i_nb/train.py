@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb 1
 from __future__ import annotations
-import json, shutil, time, warnings
+import json, math, re, shutil, time, warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -13,17 +13,20 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .core import (NonFiniteLossError, Registry, atomic_torch_save, atomic_write, atomic_write_json, check_finite, config_key,
-                         get_device, keep_freed_memory, rng_state, seed_everything, set_rng_state, to_dict)
-from .data import DataLayoutError, TextImageDataset, epoch_loader, make_synth_birds, mismatch_index
+from .core import (NonFiniteLossError, Registry, atomic_torch_save, atomic_write, atomic_write_json, check_finite,
+                         config_key, get_device, keep_freed_memory, nonfinite_tensors, rng_state, seed_everything,
+                         set_rng_state, to_dict)
+from .data import (DataLayoutError, TextImageDataset, dataset_fingerprint, epoch_loader, make_synth_birds,
+                         mismatch_index, preflight)
+from .files import RunLock, UntrustedFileError, safe_torch_load
 
 # %% auto 0
-__all__ = ['TRAIN_PRESETS', 'DATASET_PRESET', 'DATASETS', 'ARCHS', 'TrainConfig', 'make_config', 'validate', 'Models',
-           'build_models', 'CheckpointWarning', 'save_checkpoint', 'load_latest_checkpoint', 'LossLog',
-           'fixed_captions', 'generate', 'save_grid', 'plot_losses', 'Encoders', 'train_step', 'RunState', 'Callback',
-           'Checkpointer', 'Sampler', 'LossPlot', 'train', 'cached_asset', 'find_damsm_pair', 'Assets',
-           'prepare_assets', 'fake_batches', 'metric_plan', 'evaluate', 'Evaluator', 'read_metrics', 'load_run',
-           'evaluate_run']
+__all__ = ['TRAIN_PRESETS', 'DATASET_PRESET', 'DATASETS', 'ARCHS', 'RESUME_FREE', 'TrainConfig', 'make_config', 'validate',
+           'Models', 'build_models', 'CheckpointWarning', 'CheckpointError', 'read_checkpoints', 'save_checkpoint',
+           'load_latest_checkpoint', 'clean_stale_temp_files', 'LossLog', 'fixed_captions', 'generate', 'save_grid',
+           'plot_losses', 'Encoders', 'train_step', 'RunState', 'Callback', 'Checkpointer', 'Sampler', 'LossPlot',
+           'config_diff', 'train', 'cached_asset', 'find_damsm_pair', 'Assets', 'prepare_assets', 'fake_batches',
+           'metric_plan', 'evaluate', 'Evaluator', 'read_metrics', 'load_run', 'evaluate_run']
 
 # %% ../nbs/08_train.ipynb
 @dataclass
@@ -61,6 +64,8 @@ class TrainConfig:
     num_workers: int = 0               # DataLoader workers
     fold_magp: bool = False            # MA-GP inside the hinge D step (DF-GAN 2022) instead of a separate step
     gate_init: float = 1.0             # initial γ of SSA-GAN's residual gates (official 0; see the note below)
+    check_data: bool = True            # decode every image and check caption ids before training (pre-flight)
+    allow_config_change: bool = False  # resume although training settings differ from the checkpoint's (recorded)
 
     @property
     def name(self) -> str: return self.run_name or f"{self.dataset}-{self.arch}-{self.loss}-s{self.seed}"
@@ -92,12 +97,61 @@ def make_config(dataset: str = "synth_birds", preset: str | None = None, **overr
     return validate(cfg)
 
 # %% ../nbs/08_train.ipynb
+_TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off", "none", ""}
+
+def _typed(name: str, kind: str, v):
+    "`v` as the field's type; papermill passes what the user typed (`-p resume false` is the string 'false')."
+    optional = kind.endswith("| None")
+    if v is None:
+        if optional: return None
+        raise TypeError(f"parameter {name} must not be None")
+    kind = kind.replace(" | None", "")
+    if kind == "bool":
+        if isinstance(v, bool): return v
+        if isinstance(v, int) and v in (0, 1): return bool(v)
+        if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE: return v.strip().lower() in _TRUE
+        raise TypeError(f"parameter {name} must be true or false, got {v!r}")
+    if kind == "int":
+        if isinstance(v, str) and re.fullmatch(r"\s*[+-]?\d+\s*", v): v = int(v)
+        if isinstance(v, float) and v.is_integer(): v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int): raise TypeError(f"parameter {name} must be an integer, got {v!r}")
+        return v
+    if kind == "float":
+        try: f = float(v) if not isinstance(v, bool) else None
+        except (TypeError, ValueError): f = None
+        if f is None or not math.isfinite(f): raise TypeError(f"parameter {name} must be a finite number, got {v!r}")
+        return f
+    if kind == "dict":
+        if isinstance(v, str):
+            try: v = json.loads(v) if v.strip() else {}
+            except json.JSONDecodeError as e: raise ValueError(f"parameter {name} is not valid JSON ({e.msg} at "
+                                                               f"character {e.pos}): {v!r}") from None
+        if not isinstance(v, dict): raise TypeError(f"parameter {name} must be a dict (or a JSON object), got {v!r}")
+        return v
+    if not isinstance(v, str): raise TypeError(f"parameter {name} must be a string, got {v!r}")
+    return v
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,@-]*")
+_AT_LEAST = dict(epochs=1, batch_size=2, ngf=1, ndf=1, seed=0, n_eval=0, eval_every=0, sample_every=0, ckpt_every=0,
+                 keep_ckpts=1, n_train=2, n_test=1, num_workers=0, pretrain_epochs=1)
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    "Check names, sizes and paths of `cfg`; returns it unchanged or raises a clear error."
+    "`cfg` with every value of its field's type, checked for names, ranges and paths; or a clear error naming it."
     from t2i_nb.losses import loss_config
+    cfg = replace(cfg, **{f.name: _typed(f.name, str(f.type), getattr(cfg, f.name)) for f in fields(TrainConfig)})
     DATASETS[cfg.dataset]; ARCHS[cfg.arch]; loss_config(cfg.loss, **cfg.lambdas)
     if cfg.img_size not in (64, 128, 256): raise ValueError(f"img_size must be 64, 128 or 256, got {cfg.img_size}")
-    if cfg.epochs < 1 or cfg.batch_size < 2: raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {cfg.epochs}, {cfg.batch_size}")
+    for k, lo in _AT_LEAST.items():
+        v = getattr(cfg, k)
+        if v is not None and v < lo: raise ValueError(f"{k} must be >= {lo}, got {v}")
+    for k in ("lr_g", "lr_d"):
+        if getattr(cfg, k) <= 0: raise ValueError(f"{k} must be > 0, got {getattr(cfg, k)}")
+    if cfg.dataset == "synth_birds" and cfg.batch_size > cfg.n_train:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {cfg.n_train} training images (n_train): "
+                         f"an epoch would have no step")
+    if not _RUN_NAME.fullmatch(cfg.name):
+        raise ValueError(f"run_name {cfg.name!r} must be one folder name (letters, digits, '.', '_', '-', '+', '=', ',', "
+                         f"'@'; no '/', no leading '.'): a run only writes inside <out_dir>/<run_name>")
     if cfg.dataset != "synth_birds" and not Path(cfg.data_dir).is_dir():
         raise DataLayoutError(f"data_dir {cfg.data_dir!r} does not exist: a {cfg.dataset} run needs the dataset in the "
                               f"AttnGAN layout there (captions.pickle, train/ test/ filenames.pickle, images); see 01_data")
@@ -131,27 +185,52 @@ def build_models(cfg: TrainConfig, device) -> Models:
 class CheckpointWarning(UserWarning):
     "A checkpoint could not be read and was skipped."
 
+class CheckpointError(RuntimeError):
+    "A run directory's checkpoints cannot be used to resume (all unreadable, or another run's)."
+
 _CKPT_KEYS = ("G", "D", "optG", "optD", "epoch", "step", "rng", "noise_rng", "config")
 
+def _ckpt_files(d: Path) -> list[Path]: return sorted(d.glob("ckpt_*.pt"))
+
+def read_checkpoints(run_dir, map_location="cpu") -> list[tuple[dict, Path]]:
+    "`(state, path)` of every readable checkpoint of `run_dir`, oldest step first; unreadable ones are reported."
+    found = []
+    for p in _ckpt_files(Path(run_dir) / "checkpoints"):
+        try: state = safe_torch_load(p, map_location=map_location)
+        except (UntrustedFileError, OSError) as e:
+            warnings.warn(f"checkpoint {p} is unreadable ({e}); trying the previous one", CheckpointWarning)
+            continue
+        if isinstance(state, dict) and all(k in state for k in _CKPT_KEYS): found.append((state, p))
+        else: warnings.warn(f"checkpoint {p} lacks some of {_CKPT_KEYS}; trying the previous one", CheckpointWarning)
+    return sorted(found, key=lambda sp: (sp[0]["step"], sp[0]["epoch"]))
+
 def save_checkpoint(run_dir, state: dict, keep: int = 2) -> Path:
-    "Write `state` (see `_CKPT_KEYS`) as `checkpoints/ckpt_<epoch>.pt` atomically; prune to `keep` files."
+    "Write `state` (see `_CKPT_KEYS`) as `checkpoints/ckpt_<epoch>.pt` atomically if every tensor is finite; prune."
     missing = [k for k in _CKPT_KEYS if k not in state]
     if missing: raise KeyError(f"checkpoint state lacks {missing}")
+    bad = nonfinite_tensors({k: state[k] for k in ("G", "D", "optG", "optD")})
+    if bad: raise NonFiniteLossError(f"non-finite values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} at "
+                                     f"epoch {state['epoch']} step {state['step']}; checkpoint not written")
     d = Path(run_dir) / "checkpoints"
     path = atomic_torch_save(state, d / f"ckpt_{state['epoch']:04d}.pt")
-    for old in sorted(d.glob("ckpt_*.pt"))[:-keep]: old.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        readable = [p for _, p in read_checkpoints(run_dir)]
+    for old in readable[:-keep]:
+        if old != path: old.unlink()                     # by step, among readable ones; never the one just written
     return path
 
 def load_latest_checkpoint(run_dir, map_location="cpu") -> tuple[dict, Path] | None:
-    "`(state, path)` of the newest readable checkpoint in `run_dir`, or None; unreadable ones are reported."
-    for p in sorted((Path(run_dir) / "checkpoints").glob("ckpt_*.pt"), reverse=True):
-        try: state = torch.load(p, map_location=map_location, weights_only=False)
-        except Exception as e:
-            warnings.warn(f"checkpoint {p} is unreadable ({type(e).__name__}: {e}); trying the previous one", CheckpointWarning)
-            continue
-        if isinstance(state, dict) and all(k in state for k in _CKPT_KEYS): return state, p
-        warnings.warn(f"checkpoint {p} lacks some of {_CKPT_KEYS}; trying the previous one", CheckpointWarning)
-    return None
+    "`(state, path)` of the readable checkpoint with the highest step in `run_dir`, or None."
+    found = read_checkpoints(run_dir, map_location)
+    return found[-1] if found else None
+
+def clean_stale_temp_files(run_dir) -> list[Path]:
+    "Remove the temp files of atomic writes that a killed run left in `run_dir` and `run_dir/checkpoints`."
+    stale = [p for d in (Path(run_dir), Path(run_dir) / "checkpoints") if d.is_dir()
+             for p in d.glob(".*.tmp") if re.fullmatch(r"\..+\.[A-Za-z0-9_]+\.tmp", p.name)]
+    for p in stale: p.unlink()
+    return stale
 
 # %% ../nbs/08_train.ipynb
 class LossLog:
@@ -261,6 +340,8 @@ class RunState:
     step: int = 0                  # optimizer iterations completed
     terms: dict = field(default_factory=dict)
     log: LossLog | None = None
+    history: list = field(default_factory=list)    # periodic evaluations so far (also in metrics_history.jsonl)
+    changes: list = field(default_factory=list)    # settings changed on resume (allow_config_change), with the step
 
     @property
     def run_dir(self) -> Path: return self.cfg.run_dir
@@ -270,12 +351,18 @@ class RunState:
         m = self.models
         return dict(G=m.G.state_dict(), D=m.D.state_dict(), optG=m.optG.state_dict(), optD=m.optD.state_dict(),
                     epoch=self.epoch, step=self.step, rng=rng_state(), noise_rng=self.noise_gen.get_state(),
-                    config=to_dict(self.cfg))
+                    config=to_dict(self.cfg), data=self.assets.info.get("data_fingerprint"),
+                    history=self.history, changes=self.changes)
 
     def restore(self, ck: dict):
+        "Continue from `ck`; the optimizers keep their moments but take this config's hyper-parameters (lr, betas)."
         m = self.models
+        fresh = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in (m.optG, m.optD)]
         for obj, k in ((m.G, "G"), (m.D, "D"), (m.optG, "optG"), (m.optD, "optD")): obj.load_state_dict(ck[k])
+        for o, groups in zip((m.optG, m.optD), fresh):
+            for g, h in zip(o.param_groups, groups): g.update(h)
         self.epoch, self.step = ck["epoch"], ck["step"]
+        self.history, self.changes = list(ck.get("history", [])), list(ck.get("changes", []))
         set_rng_state(ck["rng"]); self.noise_gen.set_state(ck["noise_rng"])
 
 class Callback:
@@ -288,7 +375,7 @@ class Callback:
 def _every(n: int, epoch: int, last: int) -> bool: return epoch == last or (n > 0 and epoch % n == 0)
 
 class Checkpointer(Callback):
-    "Flush the loss log, then write a checkpoint every `cfg.ckpt_every` epochs and at the end."
+    "Flush the loss log, then write a checkpoint every `cfg.ckpt_every` epochs and at the end (runs last)."
     def after_epoch(self, run):
         run.log.flush()
         if _every(run.cfg.ckpt_every, run.epoch, run.cfg.epochs): save_checkpoint(run.run_dir, run.checkpoint(), run.cfg.keep_ckpts)
@@ -316,50 +403,106 @@ class LossPlot(Callback):
 # %% ../nbs/08_train.ipynb
 def _steps_per_epoch(cfg, ds): return len(ds) // cfg.batch_size
 
-def _resume(run: RunState) -> Path | None:
-    found = load_latest_checkpoint(run.run_dir, map_location=run.device) if run.cfg.resume else None
+# Settings that may differ on resume: where things are, how often to report, and how long to train.
+RESUME_FREE = ("data_dir", "image_dir", "damsm_dir", "eval_damsm_dir", "device", "out_dir", "run_name", "resume",
+               "epochs", "eval_every", "n_eval", "sample_every", "ckpt_every", "keep_ckpts", "inception_weights",
+               "num_workers", "check_data", "allow_config_change")
+
+def config_diff(old: dict, new: dict, data_old=None, data_new=None) -> dict:
+    "Training-relevant settings that differ between a checkpoint's config and `new`: name -> (old, new)."
+    keys = sorted(set(old) - set(RESUME_FREE))       # settings a checkpoint does not record came after it was made
+    diff = {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+    if data_old and data_new and data_old != data_new: diff["data (dataset_fingerprint)"] = (data_old, data_new)
+    return diff
+
+def _checkpoint_to_resume(cfg: TrainConfig, data_fp: str | None, device) -> tuple[dict, Path, dict] | None:
+    "The checkpoint a run continues from and its config changes; refuses unreadable folders and other runs' checkpoints."
+    if not cfg.resume: return None
+    found = load_latest_checkpoint(cfg.run_dir, map_location=device)
+    files = _ckpt_files(cfg.run_dir / "checkpoints")
+    if found is None and files:
+        raise CheckpointError(f"none of the {len(files)} checkpoint(s) in {cfg.run_dir / 'checkpoints'} is readable "
+                              f"(see the warnings); nothing was changed. resume=False starts the run over, replacing them")
     if found is None: return None
     ck, path = found
-    if ck["config"].get("loss") != run.cfg.loss or ck["config"].get("arch") != run.cfg.arch:
-        raise ValueError(f"{path} belongs to a run with arch={ck['config'].get('arch')!r} loss={ck['config'].get('loss')!r}, "
-                         f"not {run.cfg.arch!r}/{run.cfg.loss!r}: use another run_name or resume=False")
-    run.restore(ck)
-    return path
+    diff = config_diff(ck["config"], to_dict(cfg), ck.get("data"), data_fp)
+    if diff and not cfg.allow_config_change:
+        shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{path} was trained with other settings ({shown}). Nothing was changed: use another "
+                              f"run_name, resume=False to start over, or allow_config_change=True to continue with the "
+                              f"new settings (recorded in config.json)")
+    return ck, path, diff
+
+_RUN_FILES = ("checkpoints", "samples", "losses.csv", "metrics.json", "metrics_history.jsonl", "samples.png",
+              "loss_curves.png", "config.json")
+
+def _check_run_dir(cfg: TrainConfig):
+    "Refuse a run folder that `train` did not make: new, empty, or with a `config.json` of ours (other files are kept)."
+    d = cfg.run_dir
+    if d.exists() and not d.is_dir(): raise FileExistsError(f"{d} is a file, not a run folder: choose another run_name")
+    if not d.is_dir(): return
+    try: ours = isinstance(json.loads((d / "config.json").read_text()).get("config"), dict)
+    except (OSError, ValueError, AttributeError): ours = False
+    foreign = sorted(p.name for p in d.iterdir() if p.name not in _RUN_FILES + (".lock",))
+    if not ours and (foreign or (d / "config.json").exists()):
+        shown = ", ".join((foreign or ["config.json"])[:5])
+        raise FileExistsError(f"{d} holds files that train() does not write ({shown}) and no config.json of a run; "
+                              f"refusing to write there. Choose another run_name or out_dir.")
 
 def _fresh_run_dir(cfg: TrainConfig):
-    "Clear outputs of an earlier run in the same folder when not resuming."
-    for p in ("checkpoints", "samples", "losses.csv", "metrics.json"):
+    "Clear the outputs an earlier run wrote in the same folder (resume=False); files train() does not write stay."
+    for p in _RUN_FILES:
         q = cfg.run_dir / p
         if q.is_dir(): shutil.rmtree(q)
         elif q.exists(): q.unlink()
+
+def _invalidate_derived(run: RunState):
+    "Training goes on: final metrics and curves no longer describe the weights; the history is the checkpoint's."
+    for p in ("metrics.json", "loss_curves.png"): (run.run_dir / p).unlink(missing_ok=True)
+    h = run.run_dir / "metrics_history.jsonl"
+    if run.history or h.exists():
+        with atomic_write(h) as tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in run.history))
 
 # %% ../nbs/08_train.ipynb
 def train(cfg: TrainConfig, assets=None, callbacks=(), progress: bool = True) -> Path:
     "Train `cfg` (resuming from its run directory when `cfg.resume`); returns the run directory."
     from t2i_nb.losses import loss_config
+    cfg = validate(cfg)
     device = get_device(cfg.device)
     if device.type == "cpu": keep_freed_memory()
-    seed_everything(cfg.seed)
-    assets = assets if assets is not None else prepare_assets(cfg, device)
-    lcfg = loss_config(cfg.loss, **cfg.lambdas)
-    if not cfg.resume: _fresh_run_dir(cfg)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(dict(config=to_dict(cfg), loss=to_dict(lcfg), assets=assets.info), cfg.run_dir / "config.json")
-    run = RunState(cfg, build_models(cfg, device), assets.encoders(lcfg), assets, device,
-                   torch.Generator().manual_seed(cfg.seed), log=LossLog(cfg.run_dir / "losses.csv"))
-    resumed = _resume(run)
-    run.log.resume_at(run.step)
-    cbs = [Checkpointer(), Sampler(), Evaluator(), LossPlot(), *callbacks]
-    n_steps = _steps_per_epoch(cfg, assets.train)
-    bar = tqdm(total=cfg.epochs * n_steps, initial=run.step, desc=f"train {cfg.name}", disable=not progress, smoothing=0.1)
-    if resumed: bar.write(f"resumed from {resumed} (epoch {run.epoch}, step {run.step})")
-    try: _fit(run, lcfg, cbs, bar)
-    except NonFiniteLossError as e:
-        last = load_latest_checkpoint(cfg.run_dir)
-        raise NonFiniteLossError(f"{e}. Run {cfg.run_dir} stopped at epoch {run.epoch} step {run.step}; last good checkpoint: "
-                                 f"{last[1] if last else 'none'} (resume=True restarts from it)") from None
-    finally: bar.close()
-    for cb in cbs: cb.after_fit(run)
+    _check_run_dir(cfg)                              # before the lock file is made: a foreign folder gets nothing
+    with RunLock(cfg.run_dir):                       # one writer per run folder, for the whole run
+        clean_stale_temp_files(cfg.run_dir)
+        if not cfg.resume: _fresh_run_dir(cfg)
+        _checkpoint_to_resume(cfg, None, "cpu")      # refuse a mismatched resume before the long asset preparation
+        seed_everything(cfg.seed)
+        assets = assets if assets is not None else prepare_assets(cfg, device)
+        if _steps_per_epoch(cfg, assets.train) < 1:
+            raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(assets.train)} training images: "
+                             f"an epoch would have no step")
+        lcfg = loss_config(cfg.loss, **cfg.lambdas)
+        run = RunState(cfg, build_models(cfg, device), assets.encoders(lcfg), assets, device,
+                       torch.Generator().manual_seed(cfg.seed), log=LossLog(cfg.run_dir / "losses.csv"))
+        found = _checkpoint_to_resume(cfg, assets.info.get("data_fingerprint"), device)
+        if found: run.restore(found[0])
+        if found and found[2]:
+            run.changes.append(dict(step=run.step, changes={k: list(v) for k, v in found[2].items()}))
+        atomic_write_json(dict(config=to_dict(cfg), loss=to_dict(lcfg), assets=assets.info,
+                               resumed_from=dict(path=str(found[1]), epoch=run.epoch, step=run.step) if found else None,
+                               changes=run.changes), cfg.run_dir / "config.json")
+        if run.epoch < cfg.epochs: _invalidate_derived(run)
+        run.log.resume_at(run.step)
+        cbs = [Sampler(), Evaluator(), LossPlot(), *callbacks, Checkpointer()]
+        bar = tqdm(total=cfg.epochs * _steps_per_epoch(cfg, assets.train), initial=run.step, desc=f"train {cfg.name}",
+                   disable=not progress, smoothing=0.1)
+        if found: bar.write(f"resumed from {found[1]} (epoch {run.epoch}, step {run.step})")
+        try: _fit(run, lcfg, cbs, bar)
+        except NonFiniteLossError as e:
+            last = load_latest_checkpoint(cfg.run_dir)
+            raise NonFiniteLossError(f"{e}. Run {cfg.run_dir} stopped at epoch {run.epoch} step {run.step}; last good "
+                                     f"checkpoint: {last[1] if last else 'none'} (resume=True restarts from it)") from None
+        finally: bar.close()
+        for cb in cbs: cb.after_fit(run)
     return cfg.run_dir
 
 # %% ../nbs/08_train.ipynb
@@ -378,17 +521,20 @@ def _fit(run: RunState, lcfg, cbs, bar):
         for cb in cbs: cb.after_epoch(run)
 
 # %% ../nbs/08_train.ipynb
-def cached_asset(cache_dir, kind: str, cfg, build) -> Path:
-    "Folder `<cache_dir>/<kind>-<config_key(cfg)>`, made by `build(folder)` only if it is not there yet."
-    out = Path(cache_dir) / f"{kind}-{config_key(cfg)}"
+def cached_asset(cache_dir, kind: str, cfg, build, data_key: str | None = None) -> Path:
+    "Folder `<cache_dir>/<kind>-<key of cfg and data_key>`, made by `build(folder)` once (other processes wait)."
+    key = config_key(dict(cfg=to_dict(cfg), data=data_key)) if data_key else config_key(cfg)
+    out = Path(cache_dir) / f"{kind}-{key}"
     if (out / "asset.json").exists(): return out
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists(): shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    atomic_write_json(dict(kind=kind, config=to_dict(cfg)), tmp / "asset.json")
-    if out.exists(): shutil.rmtree(out)
-    tmp.rename(out)
+    with RunLock(cache_dir, what="build of this asset", wait=True, name=f".{out.name}.lock"):
+        if (out / "asset.json").exists(): return out          # built by the process we waited for
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists(): shutil.rmtree(tmp)                   # our own half-built folder from a killed build
+        tmp.mkdir(parents=True)
+        build(tmp)
+        atomic_write_json(dict(kind=kind, config=to_dict(cfg), data=data_key), tmp / "asset.json")
+        if out.exists(): shutil.rmtree(out)                   # our own folder without asset.json (incomplete)
+        tmp.rename(out)
     return out
 
 # %% ../nbs/08_train.ipynb
@@ -444,12 +590,13 @@ def _damsm_pair(folder, n_words, device):
     return _frozen(load_text_encoder(t, n_words, device)), _frozen(load_image_encoder(i, device=device)), dict(text=str(t), image=str(i))
 
 # %% ../nbs/08_train.ipynb
-def _synth_damsm(cfg, train, device, heldout: bool):
+def _synth_damsm(cfg, train, device, heldout: bool, data_key: str):
     "DAMSM encoders pretrained on SynthBirds: DAMSM+CL for training (as the paper), plain DAMSM with another seed held out."
     from t2i_nb.damsm import DAMSM_PRESETS, damsm_paths, load_damsm, pretrain_damsm
     dcfg = _epochs(DAMSM_PRESETS["synth_birds" if heldout else "synth_birds_cl"], cfg)
     if heldout: dcfg = replace(dcfg, seed=dcfg.seed + 1)
-    folder = cached_asset(Path(cfg.data_dir) / "t2i_cache", "damsm", dcfg, lambda out: pretrain_damsm(dcfg, cfg.data_dir, out, device))
+    folder = cached_asset(Path(cfg.data_dir) / "t2i_cache", "damsm", dcfg, lambda out: pretrain_damsm(dcfg, cfg.data_dir, out, device),
+                          data_key)
     t, i = load_damsm(folder, train.n_words, device)
     return _frozen(t), _frozen(i), dict(zip(("text", "image"), map(str, damsm_paths(folder))))
 
@@ -459,11 +606,12 @@ def _synth_evaluator(cfg, device):
     model, report = train_evaluator(cfg.data_dir, _epochs(EvaluatorConfig(), cfg), device, out_dir=Path(cfg.data_dir) / "t2i_cache" / "evaluator")
     return _frozen(model), dict(weights=model.weights_path, test_accuracy=report.get("test_accuracy"))
 
-def _synth_captioner(cfg, train, device):
+def _synth_captioner(cfg, train, device, data_key: str):
     "The re-captioning model F_C, pretrained on real SynthBirds (cached)."
     from t2i_nb.captioner import CaptionerConfig, load_captioner, pretrain_captioner
     ccfg = _epochs(CaptionerConfig(img_size=cfg.img_size), cfg)
-    folder = cached_asset(Path(cfg.data_dir) / "t2i_cache", "captioner", ccfg, lambda out: pretrain_captioner(cfg.data_dir, ccfg, out, device))
+    folder = cached_asset(Path(cfg.data_dir) / "t2i_cache", "captioner", ccfg,
+                          lambda out: pretrain_captioner(cfg.data_dir, ccfg, out, device), data_key)
     return load_captioner(folder / "captioner.pth", train.n_words, device), str(folder / "captioner.pth")
 
 # %% ../nbs/08_train.ipynb
@@ -473,12 +621,15 @@ def prepare_assets(cfg: TrainConfig, device=None) -> Assets:
     device = get_device(device or cfg.device)
     if cfg.dataset == "synth_birds": make_synth_birds(cfg.data_dir, cfg.n_train, cfg.n_test, img_size=cfg.img_size)
     train, test = _datasets(cfg)
+    if cfg.check_data:
+        for ds in (train, test): preflight(ds)
+    fp = dataset_fingerprint(cfg.data_dir)
     need_cap = loss_config(cfg.loss, **cfg.lambdas).lambda_cap > 0
     if cfg.dataset == "synth_birds":
-        t, i, damsm = _synth_damsm(cfg, train, device, heldout=False)
-        et, ei, edamsm = _synth_damsm(cfg, train, device, heldout=True)
+        t, i, damsm = _synth_damsm(cfg, train, device, heldout=False, data_key=fp)
+        et, ei, edamsm = _synth_damsm(cfg, train, device, heldout=True, data_key=fp)
         ev, ev_info = _synth_evaluator(cfg, device)
-        cap, cap_info = _synth_captioner(cfg, train, device) if need_cap else (None, None)
+        cap, cap_info = _synth_captioner(cfg, train, device, fp) if need_cap else (None, None)
         inception = None
     else:
         from t2i_nb.metrics import InceptionFeatures
@@ -488,7 +639,7 @@ def prepare_assets(cfg: TrainConfig, device=None) -> Assets:
         t, i, damsm = _damsm_pair(cfg.damsm_dir or Path(cfg.data_dir) / "DAMSMencoders", train.n_words, device)
         et, ei, edamsm = _damsm_pair(cfg.eval_damsm_dir, train.n_words, device) if cfg.eval_damsm_dir else (None, None, None)
         ev, ev_info, cap, cap_info = None, None, None, None
-    info = dict(data_dir=str(cfg.data_dir), damsm=damsm, eval_damsm=edamsm, evaluator=ev_info, captioner=cap_info,
+    info = dict(data_dir=str(cfg.data_dir), data_fingerprint=fp, damsm=damsm, eval_damsm=edamsm, evaluator=ev_info, captioner=cap_info,
                 inception=inception.info() if inception else None)
     return Assets(train, test, t, i, et, ei, ev, cap, inception, info)
 
@@ -535,13 +686,15 @@ def metric_plan(assets: Assets, n: int, cache_dir, seed: int = 0, device="cpu") 
     if assets.evaluator is not None:
         from t2i_nb.evaluator import SBFeatures, dataset_batches
         ex["sb"] = SBFeatures(assets.evaluator, assets.test.ixtoword)
-        refs["sb"] = compute_reference_stats(dataset_batches(assets.test), ex["sb"], "synthbirds", "test", cache_dir, device=device)
+        refs["sb"] = compute_reference_stats(dataset_batches(assets.test), ex["sb"], "synthbirds", "test", cache_dir, device=device,
+                                             data_key=assets.info.get("data_fingerprint"))
         names += [f"fid_sb_{n_tag(n)}_test", f"is_sb_{n_tag(n)}", "semantic_acc_sb", "consistency_sb"]
     if assets.inception is not None:
         from t2i_nb.evaluator import dataset_batches
         ex["inception"] = assets.inception
         refs["inception"] = compute_reference_stats(dataset_batches(assets.test), assets.inception, Path(assets.test.root).name,
-                                                    "test", cache_dir, device=device)
+                                                    "test", cache_dir, device=device,
+                                                    data_key=assets.info.get("data_fingerprint"))
         names += [f"fid_{assets.inception.mode}_{n_tag(n)}_test", f"is_inception_{n_tag(n)}"]
     return names, ex, refs
 
@@ -562,8 +715,10 @@ class Evaluator(Callback):
         return [dict(r, epoch=run.epoch, step=run.step) for r in res]
     def after_epoch(self, run):
         if run.cfg.n_eval and run.cfg.eval_every and run.epoch % run.cfg.eval_every == 0 and run.epoch < run.cfg.epochs:
+            rows = self._run(run)
+            run.history.extend(rows)                     # saved with the epoch's checkpoint (the Checkpointer runs last)
             with open(run.run_dir / "metrics_history.jsonl", "a") as f:
-                for r in self._run(run): f.write(json.dumps(r) + "\n")
+                for r in rows: f.write(json.dumps(r) + "\n")
     def after_fit(self, run):
         from t2i_nb.metrics import write_metrics_json
         if run.cfg.n_eval: write_metrics_json(self._run(run), run.run_dir / "metrics.json")
@@ -576,7 +731,8 @@ def read_metrics(run_dir) -> list[dict]:
 def load_run(run_dir, device=None, assets=None):
     "(config, models with the latest checkpoint's weights, assets) of a run directory."
     run_dir = Path(run_dir)
-    cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text())["config"])
+    saved = json.loads((run_dir / "config.json").read_text())["config"]
+    cfg = validate(TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved}))
     device = get_device(device or cfg.device)
     found = load_latest_checkpoint(run_dir, map_location=device)
     if found is None: raise FileNotFoundError(f"no readable checkpoint in {run_dir / 'checkpoints'}")

@@ -39,7 +39,7 @@ def run_script(kw, kill_at=0):
 
 
 def final_state(kw):
-    return torch.load(Path(kw["out_dir"]) / kw["run_name"] / "checkpoints" / "ckpt_0003.pt", weights_only=False)
+    return torch.load(Path(kw["out_dir"]) / kw["run_name"] / "checkpoints" / "ckpt_0003.pt", weights_only=True)
 
 
 def assert_same_weights(a, b):
@@ -86,7 +86,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         train(make_config(**kw), callbacks=[PoisonG()], progress=False)
     ckpts = sorted((Path(tiny["out_dir"]) / "nan" / "checkpoints").iterdir())
     assert [p.name for p in ckpts] == ["ckpt_0001.pt"]
-    state = torch.load(ckpts[0], weights_only=False)
+    state = torch.load(ckpts[0], weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["G"].values() if v.is_floating_point())
 
 
