@@ -20,10 +20,11 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements, 'tensorboard': ['tensorboard']},
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     zip_safe=False,
-    entry_points={'nbdev': [f"{cfg['lib_name']}={cfg['lib_name']}._modidx:d"]},
+    entry_points={'nbdev': [f"{cfg['lib_name']}={cfg['lib_name']}._modidx:d"],
+                  'console_scripts': ['t2i-train=t2i_nb.cli:main']},
 )

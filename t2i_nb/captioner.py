@@ -118,8 +118,8 @@ def recaption_loss(captioner: Captioner, fake_images, captions, cap_lens):
     if captioner.training or any(p.requires_grad for p in captioner.parameters()):
         raise ValueError("recaption_loss needs a frozen captioner (eval mode, requires_grad=False): "
                          "use t2i_nb.captioner.freeze(model) or load_captioner(path)")
-    L = int(torch.as_tensor(cap_lens).max())
-    return caption_loss(captioner(fake_images, captions[:, :L]), captions[:, :L], cap_lens)
+    # the whole padded width: steps past a caption's end are masked, and no host sync for max(cap_lens) is needed
+    return caption_loss(captioner(fake_images, captions), captions, cap_lens)
 
 # %% ../nbs/05_captioner.ipynb
 @torch.no_grad()

@@ -20,8 +20,8 @@ __all__ = ['LAYOUT', 'CAPTIONS_PER_IMAGE', 'DataLayoutError', 'CorruptImageError
            'check_vocab_size', 'tokenize', 'build_vocab', 'encode', 'read_filenames', 'read_class_ids',
            'read_text_captions', 'build_captions_pickle', 'load_captions', 'cub_crop_box', 'read_cub_bboxes',
            'load_image', 'to_tensor', 'resize_short', 'train_transform', 'test_transform', 'sample_words',
-           'mismatch_index', 'detect_kind', 'TextImageDataset', 'epoch_loader', 'write_fixture', 'preflight',
-           'dataset_fingerprint', 'make_synth_birds']
+           'mismatch_index', 'detect_kind', 'TextImageDataset', 'EpochSampler', 'epoch_loader', 'write_fixture',
+           'preflight', 'dataset_fingerprint', 'make_synth_birds']
 
 # %% ../nbs/01_data.ipynb
 class DataLayoutError(FileNotFoundError):
@@ -296,8 +296,10 @@ class TextImageDataset(Dataset):
         if self._cache is not None: self._cache[i] = img
         return img
 
-    def __getitem__(self, i: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+    def __getitem__(self, i) -> dict:
+        "Item `i`; `i` may be an `(epoch, index)` pair (`EpochSampler`), so workers need no `set_epoch`."
+        epoch, i = (int(i[0]), int(i[1])) if isinstance(i, (tuple, list)) else (self.epoch, int(i))
+        rng = np.random.default_rng([self.seed, epoch, i])
         j = int(rng.integers(self.C))
         img = self.load(i)
         img = train_transform(img, self.img_size, rng) if self.augment else test_transform(img, self.img_size)
@@ -316,13 +318,32 @@ class TextImageDataset(Dataset):
                 f"{self.n_words} words, {len(np.unique(self.class_ids))} classes, {self.img_size}px)")
 
 # %% ../nbs/01_data.ipynb
+class EpochSampler(torch.utils.data.Sampler):
+    "`(epoch, index)` pairs of one epoch, order fixed by `(seed, epoch)`; rank `r` of `world` takes every world-th."
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1, epoch: int = 0):
+        if not 0 <= rank < world: raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+        self.n, self.seed, self.shuffle, self.rank, self.world, self.epoch = n, seed, shuffle, rank, world, epoch
+
+    def set_epoch(self, epoch: int): self.epoch = epoch
+
+    def order(self) -> list[int]:
+        "The whole epoch's order (all ranks), padded by wrapping around to a multiple of `world`."
+        g = torch.Generator().manual_seed(int(self.seed) * 100_003 + int(self.epoch))
+        order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        return order + order[:(-len(order)) % self.world]
+
+    def __iter__(self): return iter([(self.epoch, i) for i in self.order()[self.rank::self.world]])
+    def __len__(self): return -(-self.n // self.world)
+
 def epoch_loader(ds: TextImageDataset, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = True, num_workers: int = 0) -> DataLoader:
-    "DataLoader over `ds` for `epoch`, with order and item randomness fixed by `(seed, epoch)`."
+                 drop_last: bool = True, num_workers: int = 0,
+                 rank: int = 0, world: int = 1,            # this process's share of a distributed run
+                 pin_memory: bool = False, persistent: bool = False) -> DataLoader:
+    "Loader of `epoch` (then `loader.sampler.set_epoch(e)`); order and item randomness fixed by `(seed, epoch)`."
     ds.set_epoch(epoch)
-    g = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=g,
-                      num_workers=num_workers, persistent_workers=False)
+    return DataLoader(ds, batch_size=batch_size, sampler=EpochSampler(len(ds), seed, shuffle, rank, world, epoch),
+                      drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=persistent and num_workers > 0)
 
 # %% ../nbs/01_data.ipynb
 def write_fixture(root, kind: str = "cub", n_train: int = 6, n_test: int = 3, size=(120, 90), seed: int = 0) -> Path:

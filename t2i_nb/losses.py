@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .accel import DistInfo, gather_rows
 from .captioner import recaption_loss
 from .core import Registry
 from .damsm import damsm_loss
@@ -117,7 +118,7 @@ def generator_inputs(text_encoder: nn.Module, batch: dict, cfg: LossConfig, nois
         caps, lens, cls = _cat_padded(caps, batch["caption2"]), torch.cat([lens, torch.as_tensor(batch["cap_len2"])]), cls.repeat(2)
         noise = torch.cat([noise, noise])
     caps, lens = caps.to(device), lens.to(device)
-    with torch.no_grad(): words, sent = text_encoder(caps, lens)
+    with torch.no_grad(): words, sent = (t.float() for t in text_encoder(caps, lens))   # fp32 under autocast too
     return dict(noise=noise.to(device), words=words, sent=sent, captions=caps, cap_lens=lens, class_ids=cls.to(device), n=len(batch["caption"]))
 
 def generate(G: nn.Module, inp: dict):
@@ -137,15 +138,19 @@ def _check_needs(cfg: LossConfig, fakes, inp, img_encoder, real_imgs, captioner)
         on = [f"{l}={getattr(cfg, l)}" for l in lams if getattr(cfg, l) > 0]
         if on and obj is None: raise ValueError(f"{', '.join(on)} needs `{name}`, which is None")
 
-def auxiliary_terms(fakes, inp: dict, cfg: LossConfig, img_encoder=None, real_imgs=None, captioner=None, projection=None) -> dict:
+def auxiliary_terms(fakes, inp: dict, cfg: LossConfig, img_encoder=None, real_imgs=None, captioner=None, projection=None,
+                    dist: DistInfo = DistInfo()) -> dict:
     "The λ-weighted terms of Eq. 4 (DAMSM, R2F, F2F, CP) on `fakes`, only those with λ > 0, plus their weighted `total`."
     _check_needs(cfg, fakes, inp, img_encoder, real_imgs, captioner)
-    t = {}
-    if cfg.lambda_damsm or cfg.lambda_r2f or cfg.lambda_f2f: feats, code = img_encoder(fakes)
+    t, sets = {}, 2 if cfg.two_captions else 1
+    every = lambda x: gather_rows(x, dist, sets)               # the global batch's rows (one process: x itself)
+    if cfg.lambda_damsm or cfg.lambda_r2f or cfg.lambda_f2f:
+        feats, code = (every(t.float()) for t in img_encoder(fakes))      # the losses in fp32 under mixed precision
     if cfg.lambda_damsm:
-        t["damsm"] = damsm_loss(feats, code, inp["words"], inp["sent"], inp["cap_lens"], inp["class_ids"], cfg.gamma1, cfg.gamma2, cfg.gamma3)["total"]
+        t["damsm"] = damsm_loss(feats, code, *(every(inp[k]) for k in ("words", "sent", "cap_lens", "class_ids")),
+                                cfg.gamma1, cfg.gamma2, cfg.gamma3)["total"]
     if cfg.lambda_r2f:
-        with torch.no_grad(): real_codes = image_codes(img_encoder, real_imgs)
+        with torch.no_grad(): real_codes = gather_rows(image_codes(img_encoder, real_imgs).float(), dist)
         t["r2f"] = r2f_from_codes(code, real_codes, cfg.tau, projection)
     if cfg.lambda_f2f: t["f2f"] = nt_xent(*code.chunk(2), cfg.tau, projection)
     if cfg.lambda_cap: t["cap"] = recaption_loss(captioner, fakes, inp["captions"], inp["cap_lens"])

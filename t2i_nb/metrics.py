@@ -18,6 +18,7 @@ from scipy.special import xlogy
 from tqdm.auto import tqdm
 
 from .core import Registry, UnknownNameError, atomic_write, atomic_write_json, config_key, file_hash, get_device
+from .accel import DistInfo, gather_batches
 from .data import sample_words
 
 # %% auto 0
@@ -229,20 +230,28 @@ def _take(batch: dict, k: int | None, device) -> dict:
         out[key] = v.to(device) if torch.is_tensor(v) else v
     return out
 
-def run_pass(batches, extractors: dict, n: int | None = None, device="cpu", desc: str = "metric pass") -> dict:
-    "One no-grad pass over `batches`, feeding every extractor; returns {extractor: {output: N×... array}}."
+def run_pass(batches, extractors: dict, n: int | None = None, device="cpu", desc: str = "metric pass",
+             dist: DistInfo = DistInfo()) -> dict:
+    "One no-grad pass over `batches`, feeding every extractor; {extractor: {output: N×... array}}. Sharded: gathered."
     dev = get_device(device)
     for ex in extractors.values(): ex.setup(dev)
-    outs, seen = {k: {} for k in extractors}, 0
-    with torch.no_grad(), tqdm(total=n, desc=desc, unit="img") as bar:
+    per_batch, seen, local_n = [], 0, None if dist.on else n      # a rank's batches are its shard of the stream
+    with torch.no_grad(), tqdm(total=local_n, desc=desc, unit="img", disable=not dist.main) as bar:
         for batch in (batches() if callable(batches) else batches):
-            if n is not None and seen >= n: break
-            b = _take(batch, None if n is None else n - seen, dev)
-            for k, ex in extractors.items():
-                for name, v in ex(b).items(): outs[k].setdefault(name, []).append(v.detach().cpu().numpy())
+            if local_n is not None and seen >= local_n: break
+            b = _take(batch, None if local_n is None else local_n - seen, dev)
+            per_batch.append({k: {name: v.detach().cpu().numpy() for name, v in ex(b).items()}
+                              for k, ex in extractors.items()})
             seen += len(b["img"]); bar.update(len(b["img"]))
-    if n is not None and seen < n: raise ValueError(f"the batches ran out after {seen} images; the protocol needs {n}")
-    return {k: {name: np.concatenate(v) for name, v in d.items()} for k, d in outs.items()}
+    per_batch = gather_batches(per_batch, dist)                   # every rank's batches back in stream order
+    total = sum(_n_rows(pb) for pb in per_batch)
+    if n is not None and total < n: raise ValueError(f"the batches ran out after {total} images; the protocol needs {n}")
+    return {k: {name: np.concatenate([pb[k][name] for pb in per_batch])[:n] for name in per_batch[0][k]}
+            if per_batch else {} for k in extractors}
+
+def _n_rows(pb: dict) -> int:
+    "Rows of one batch's outputs (the first output of the first extractor)."
+    return len(next(iter(next(iter(pb.values())).values())))
 
 # %% ../nbs/07_metrics.ipynb
 def compute_reference_stats(batches, extractor, dataset: str, split: str, cache_dir, n: int | None = None,
@@ -399,7 +408,8 @@ def _jsonable(v):
     if isinstance(v, Path): return str(v)
     return v
 
-def compute_metrics(names, batches, extractors: dict, refs: dict | None = None, seed: int = 0, device="cpu") -> list[dict]:
+def compute_metrics(names, batches, extractors: dict, refs: dict | None = None, seed: int = 0, device="cpu",
+                    dist: DistInfo = DistInfo()) -> list[dict]:
     "Run ONE pass over the fakes feeding every extractor the named metrics need; one result dict per metric."
     try: import t2i_nb.evaluator  # noqa: F401  (registers the SynthBirds metrics)
     except ImportError: pass
@@ -413,7 +423,7 @@ def compute_metrics(names, batches, extractors: dict, refs: dict | None = None, 
                                  f"extractor has {', '.join(f'{k}={v[1]!r}' for k, v in bad.items())}")
     ns = [s.n for s in specs if s.n]
     n = max(ns) if ns else None
-    outs = run_pass(batches, {k: extractors[k] for k in {s.extractor for s in specs}}, n=n, device=device)
+    outs = run_pass(batches, {k: extractors[k] for k in {s.extractor for s in specs}}, n=n, device=device, dist=dist)
     ctx, results = dict(refs=refs or {}, seed=seed), []
     for s in specs:
         o = {k: v[:s.n] for k, v in outs[s.extractor].items()}

@@ -244,10 +244,11 @@ def make_optimizers(G, D, cfg: SSAGANConfig) -> tuple[torch.optim.Adam, torch.op
             torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas)))
 
 # %% ../nbs/04_ssagan.ipynb
-def _update(opt, loss, terms: dict, where: str) -> dict:
-    "Check `terms` are finite, then one optimiser step on `loss`; terms as floats."
+def _update(opt, loss, terms: dict, where: str, prec=None) -> dict:
+    "Check `terms` are finite, then one optimiser step on `loss` (through `prec`, a `Precision`, if given); floats."
     check_finite({k: v.detach() for k, v in terms.items()}, where)
-    opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    if prec is not None: prec.step(opt, loss)
+    else: opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     return {k: float(v.detach()) for k, v in terms.items()}
 
 @contextmanager
@@ -260,35 +261,36 @@ def frozen(module: nn.Module):
         for p, f in zip(module.parameters(), flags): p.requires_grad_(f)
 
 # %% ../nbs/04_ssagan.ipynb
-def d_step(G, D, optD, real, sent, mis_sent, noise, cfg: SSAGANConfig, fake=None) -> dict:
+def d_step(G, D, optD, real, sent, mis_sent, noise, cfg: SSAGANConfig, fake=None, prec=None) -> dict:
     "One hinge D update (plus MA-GP when `cfg.fold_magp`); `fake` defaults to `G(noise, sent)` without grad."
     if fake is None:
         with torch.no_grad(): fake = G(noise, sent)[0]
     if cfg.fold_magp: real, sent = real.detach().requires_grad_(), sent.detach().requires_grad_()
     B = len(real)
     feats = D(torch.cat([real, fake.detach()]))                      # D has no BN: one pass = two passes
-    logits = D.cond_logits(torch.cat([feats[:B], feats[:B], feats[B:]]), torch.cat([sent, mis_sent, sent]))
+    logits = D.cond_logits(torch.cat([feats[:B], feats[:B], feats[B:]]), torch.cat([sent, mis_sent, sent])).float()
     t = hinge_d_loss(logits[:B], logits[2 * B:], logits[B:2 * B])
     terms = dict(d_loss=t["total"], d_real=t["real"], d_fake=t["fake"], d_mis=t["mis"])
     if cfg.fold_magp: terms["magp"] = magp_penalty(logits[:B], real, sent, cfg.magp_k, cfg.magp_p)
-    return _update(optD, terms["d_loss"] + terms.get("magp", 0.), terms, "SSA-GAN D step")
+    return _update(optD, terms["d_loss"] + terms.get("magp", 0.), terms, "SSA-GAN D step", prec)
 
-def magp_step(D, optD, real, sent, cfg: SSAGANConfig) -> dict:
-    "The separate MA-GP D update of SSA-GAN / DF-GAN 2020."
-    gp = ma_gp(D, real, sent, cfg.magp_k, cfg.magp_p)
-    return _update(optD, gp, dict(magp=gp), "SSA-GAN MA-GP step")
+def magp_step(D, optD, real, sent, cfg: SSAGANConfig, prec=None) -> dict:
+    "The separate MA-GP D update of SSA-GAN / DF-GAN 2020 (always in fp32: gradient norms to the 6th power)."
+    with torch.autocast(real.device.type, enabled=False):
+        gp = ma_gp(D, real.float(), sent.float(), cfg.magp_k, cfg.magp_p)
+    return _update(optD, gp, dict(magp=gp), "SSA-GAN MA-GP step", prec)
 
 # %% ../nbs/04_ssagan.ipynb
-def g_step(G, D, optG, sent, noise, cfg: SSAGANConfig, fake=None, extra_loss_fn=None) -> dict:
+def g_step(G, D, optG, sent, noise, cfg: SSAGANConfig, fake=None, extra_loss_fn=None, prec=None) -> dict:
     "One G update on `-mean D(fake, s)` + `extra_loss_fn(fake)['total']`; D is frozen meanwhile."
     if fake is None: fake = G(noise, sent)[0]
     with frozen(D):
-        terms = dict(g_adv=g_adv_loss(D.cond_logits(D(fake), sent)))
+        terms = dict(g_adv=g_adv_loss(D.cond_logits(D(fake), sent).float()))
         extra = extra_loss_fn(fake) if extra_loss_fn is not None else {}
         terms.update({f"g_{k}": v for k, v in extra.items() if k != "total"})
         loss = terms["g_adv"] + extra.get("total", 0.)
         terms["g_loss"] = loss
-        return _update(optG, loss, terms, "SSA-GAN G step")
+        return _update(optG, loss, terms, "SSA-GAN G step", prec)
 
 def train_step(G, D, optG, optD, real, sent, mis_sent, cfg: SSAGANConfig, noise=None, extra_loss_fn=None) -> dict:
     "A full SSA-GAN iteration: D hinge step, MA-GP step (unless folded), G step on the same fake batch."

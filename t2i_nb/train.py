@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb 1
 from __future__ import annotations
-import json, math, re, shutil, time, warnings
+import contextlib, json, math, re, shutil, time, warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -19,14 +19,17 @@ from .core import (NonFiniteLossError, Registry, atomic_torch_save, atomic_write
 from .data import (DataLayoutError, TextImageDataset, dataset_fingerprint, epoch_loader, make_synth_birds,
                          mismatch_index, preflight)
 from .files import RunLock, UntrustedFileError, safe_torch_load
+from .accel import (EMA, PRECISIONS, DistInfo, Precision, barrier, broadcast_object, init_distributed,
+                          mean_across)
 
 # %% auto 0
 __all__ = ['TRAIN_PRESETS', 'DATASET_PRESET', 'DATASETS', 'ARCHS', 'RESUME_FREE', 'TrainConfig', 'make_config', 'validate',
-           'Models', 'build_models', 'CheckpointWarning', 'CheckpointError', 'read_checkpoints', 'save_checkpoint',
-           'load_latest_checkpoint', 'clean_stale_temp_files', 'LossLog', 'fixed_captions', 'generate', 'save_grid',
-           'plot_losses', 'Encoders', 'train_step', 'RunState', 'Callback', 'Checkpointer', 'Sampler', 'LossPlot',
-           'config_diff', 'train', 'cached_asset', 'find_damsm_pair', 'Assets', 'prepare_assets', 'fake_batches',
-           'metric_plan', 'evaluate', 'Evaluator', 'read_metrics', 'load_run', 'evaluate_run']
+           'Models', 'unwrap', 'DDP', 'build_models', 'CheckpointWarning', 'CheckpointError', 'read_checkpoints',
+           'save_checkpoint', 'load_latest_checkpoint', 'clean_stale_temp_files', 'LossLog', 'fixed_captions',
+           'generate', 'save_grid', 'plot_losses', 'Encoders', 'train_step', 'RunState', 'Callback', 'Checkpointer',
+           'Sampler', 'LossPlot', 'TensorBoard', 'config_diff', 'train', 'cached_asset', 'find_damsm_pair', 'Assets',
+           'prepare_assets', 'fake_batches', 'metric_plan', 'evaluate', 'Evaluator', 'read_metrics', 'load_run',
+           'evaluate_run']
 
 # %% ../nbs/08_train.ipynb
 @dataclass
@@ -65,6 +68,11 @@ class TrainConfig:
     fold_magp: bool = False            # MA-GP inside the hinge D step (DF-GAN 2022) instead of a separate step
     gate_init: float = 1.0             # initial γ of SSA-GAN's residual gates (official 0; see the note below)
     check_data: bool = True            # decode every image and check caption ids before training (pre-flight)
+    precision: str = "fp32"            # fp32 | bf16 | fp16: autocast around G, D and the frozen encoders
+    compile: bool = False              # torch.compile the generator (GPU; the first steps compile)
+    ema_decay: float = 0.0             # EMA of G, sampled and evaluated when > 0 (AttnGAN: 0.999)
+    sync_bn: bool = False              # SyncBatchNorm in G across torchrun processes (CUDA; official SSA-GAN)
+    tensorboard: bool = False          # also log to <run_dir>/tensorboard (needs the tensorboard package)
     allow_config_change: bool = False  # resume although training settings differ from the checkpoint's (recorded)
 
     @property
@@ -77,10 +85,12 @@ TRAIN_PRESETS = Registry("training preset", {
     "synth_birds": TrainConfig(),
     "cub_paper": TrainConfig(dataset="cub", data_dir="data/birds", img_size=256, ngf=64, ndf=64, epochs=600,
                              batch_size=24, lr_g=1e-4, lr_d=4e-4,
-                             n_eval=30_000, eval_every=50, sample_every=5, ckpt_every=5, gate_init=0.0),
+                             n_eval=30_000, eval_every=50, sample_every=5, ckpt_every=5, gate_init=0.0,
+                             precision="bf16", num_workers=4),
     "coco_paper": TrainConfig(dataset="coco", data_dir="data/coco", img_size=256, ngf=64, ndf=64, epochs=120,
                               batch_size=24, lr_g=1e-4, lr_d=4e-4,
-                              n_eval=30_000, eval_every=10, sample_every=1, ckpt_every=1, gate_init=0.0),
+                              n_eval=30_000, eval_every=10, sample_every=1, ckpt_every=1, gate_init=0.0,
+                              precision="bf16", num_workers=4),
 })
 DATASET_PRESET = {"synth_birds": "synth_birds", "cub": "cub_paper", "coco": "coco_paper"}
 DATASETS = Registry("dataset", {k: k for k in DATASET_PRESET})
@@ -139,7 +149,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     "`cfg` with every value of its field's type, checked for names, ranges and paths; or a clear error naming it."
     from t2i_nb.losses import loss_config
     cfg = replace(cfg, **{f.name: _typed(f.name, str(f.type), getattr(cfg, f.name)) for f in fields(TrainConfig)})
-    DATASETS[cfg.dataset]; ARCHS[cfg.arch]; loss_config(cfg.loss, **cfg.lambdas)
+    DATASETS[cfg.dataset]; ARCHS[cfg.arch]; loss_config(cfg.loss, **cfg.lambdas); PRECISIONS[cfg.precision]
+    if not (cfg.ema_decay == 0 or 0 < cfg.ema_decay < 1): raise ValueError(f"ema_decay must be 0 (off) or in (0, 1), got {cfg.ema_decay}")
     if cfg.img_size not in (64, 128, 256): raise ValueError(f"img_size must be 64, 128 or 256, got {cfg.img_size}")
     for k, lo in _AT_LEAST.items():
         v = getattr(cfg, k)
@@ -155,6 +166,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.dataset != "synth_birds" and not Path(cfg.data_dir).is_dir():
         raise DataLayoutError(f"data_dir {cfg.data_dir!r} does not exist: a {cfg.dataset} run needs the dataset in the "
                               f"AttnGAN layout there (captions.pickle, train/ test/ filenames.pickle, images); see 01_data")
+    if cfg.tensorboard:
+        try: import tensorboard  # noqa: F401
+        except ImportError: raise ImportError("tensorboard=True needs the tensorboard package (pip install tensorboard, or "
+                                              "the [tensorboard] extra); losses.csv is written either way") from None
     get_device(cfg.device)
     return cfg
 
@@ -170,16 +185,40 @@ ARCHS = Registry("architecture", {"ssagan": _arch_ssagan})
 
 @dataclass
 class Models:
-    "Generator, discriminator, their optimizers and the architecture's own config."
-    G: torch.nn.Module
+    "Generator, discriminator, their optimizers and the architecture's own config (+ the EMA generator)."
+    G: torch.nn.Module               # possibly wrapped (DistributedDataParallel, torch.compile): train with these
     D: torch.nn.Module
     optG: torch.optim.Optimizer
     optD: torch.optim.Optimizer
     arch_cfg: object
+    ema: EMA | None = None
 
-def build_models(cfg: TrainConfig, device) -> Models:
-    "Fresh models and optimizers of `cfg.arch` on `device`."
-    return ARCHS[cfg.arch](cfg, device)
+    @property
+    def G_eval(self) -> torch.nn.Module:
+        "The generator to sample and evaluate: the EMA copy when there is one."
+        return self.ema.module if self.ema is not None else unwrap(self.G)
+
+def unwrap(m: torch.nn.Module) -> torch.nn.Module:
+    "The module inside DistributedDataParallel / torch.compile wrappers (whose state_dict has the plain keys)."
+    while hasattr(m, "module") or hasattr(m, "_orig_mod"): m = getattr(m, "module", None) or m._orig_mod
+    return m
+
+class DDP(torch.nn.parallel.DistributedDataParallel):
+    "DistributedDataParallel that also exposes the wrapped module's methods (`D.cond_logits`)."
+    def __getattr__(self, name):
+        try: return super().__getattr__(name)
+        except AttributeError: return getattr(self.module, name)
+
+def build_models(cfg: TrainConfig, device, dist: DistInfo = DistInfo()) -> Models:
+    "Fresh models and optimizers of `cfg.arch` on `device`: EMA, SyncBatchNorm, DDP and compile as `cfg` asks."
+    m = ARCHS[cfg.arch](cfg, device)
+    if cfg.sync_bn and dist.on: m.G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m.G)   # same Parameter objects
+    if cfg.ema_decay: m.ema = EMA(m.G, cfg.ema_decay)
+    if dist.on:
+        ids = [device.index] if device.type == "cuda" else None
+        m.G, m.D = DDP(m.G, device_ids=ids), DDP(m.D, device_ids=ids)
+    if cfg.compile: m.G = torch.compile(m.G)
+    return m
 
 # %% ../nbs/08_train.ipynb
 class CheckpointWarning(UserWarning):
@@ -308,23 +347,29 @@ class Encoders:
     image: torch.nn.Module
     captioner: torch.nn.Module | None = None
 
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 # %% ../nbs/08_train.ipynb
-def train_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tensor) -> dict:
+_FP32 = Precision("fp32")
+
+def train_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tensor, prec: Precision = _FP32,
+               dist: DistInfo = DistInfo()) -> dict:
     "One SSA-GAN iteration (D hinge, MA-GP, G with the paper's objective); returns the loss terms as floats."
     from t2i_nb.ssagan import d_step, magp_step, g_step
     from t2i_nb.losses import auxiliary_terms, generator_inputs
     real, B = batch["img"], len(batch["img"])
-    inp = generator_inputs(enc.text, batch, lcfg, noise, real.device)    # N rows, or 2N when F2F is on
-    sent = inp["sent"][:B]
-    mis_sent = sent[mismatch_index(batch["class_id"]).to(real.device)]
-    fake = m.G(inp["noise"], inp["sent"])[0]                              # one generator call for all rows
-    terms = d_step(m.G, m.D, m.optD, real, sent, mis_sent, noise, m.arch_cfg, fake=fake[:B])
-    if not m.arch_cfg.fold_magp: terms |= magp_step(m.D, m.optD, real, sent, m.arch_cfg)
-    extra = lambda f: auxiliary_terms(f, inp, lcfg, enc.image, real, enc.captioner)
-    return terms | g_step(m.G, m.D, m.optG, inp["sent"], inp["noise"], m.arch_cfg, fake=fake, extra_loss_fn=extra)
+    with prec.autocast():
+        inp = generator_inputs(enc.text, batch, lcfg, noise, real.device)    # N rows, or 2N when F2F is on
+        sent = inp["sent"][:B]
+        mis_sent = sent[mismatch_index(batch["class_id"])]
+        fake = m.G(inp["noise"], inp["sent"])[0]                              # one generator call for all rows
+        terms = d_step(m.G, m.D, m.optD, real, sent, mis_sent, noise, m.arch_cfg, fake=fake[:B], prec=prec)
+    if not m.arch_cfg.fold_magp: terms |= magp_step(m.D, m.optD, real, sent, m.arch_cfg, prec=prec)   # fp32
+    extra = lambda f: auxiliary_terms(f, inp, lcfg, enc.image, real, enc.captioner, dist=dist)   # global-batch losses
+    with prec.autocast():      # D unwrapped: frozen in the G step, so DDP must not wait for its gradients
+        terms |= g_step(m.G, unwrap(m.D), m.optG, inp["sent"], inp["noise"], m.arch_cfg, fake=fake, extra_loss_fn=extra,
+                        prec=prec)
+    if m.ema is not None: m.ema.update(unwrap(m.G))
+    return terms
 
 # %% ../nbs/08_train.ipynb
 @dataclass
@@ -341,6 +386,8 @@ class RunState:
     terms: dict = field(default_factory=dict)
     log: LossLog | None = None
     history: list = field(default_factory=list)    # periodic evaluations so far (also in metrics_history.jsonl)
+    prec: Precision = _FP32                        # mixed precision (its GradScaler state is checkpointed)
+    dist: DistInfo = field(default_factory=DistInfo)
     changes: list = field(default_factory=list)    # settings changed on resume (allow_config_change), with the step
 
     @property
@@ -349,16 +396,19 @@ class RunState:
     def checkpoint(self) -> dict:
         "Everything needed to continue this run exactly."
         m = self.models
-        return dict(G=m.G.state_dict(), D=m.D.state_dict(), optG=m.optG.state_dict(), optD=m.optD.state_dict(),
-                    epoch=self.epoch, step=self.step, rng=rng_state(), noise_rng=self.noise_gen.get_state(),
-                    config=to_dict(self.cfg), data=self.assets.info.get("data_fingerprint"),
-                    history=self.history, changes=self.changes)
+        return dict(G=unwrap(m.G).state_dict(), D=unwrap(m.D).state_dict(), optG=m.optG.state_dict(),
+                    optD=m.optD.state_dict(), G_ema=m.ema.state_dict() if m.ema is not None else None,
+                    scaler=self.prec.state_dict(), epoch=self.epoch, step=self.step, rng=rng_state(),
+                    noise_rng=self.noise_gen.get_state(), config=to_dict(self.cfg),
+                    data=self.assets.info.get("data_fingerprint"), history=self.history, changes=self.changes)
 
     def restore(self, ck: dict):
         "Continue from `ck`; the optimizers keep their moments but take this config's hyper-parameters (lr, betas)."
         m = self.models
         fresh = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in (m.optG, m.optD)]
-        for obj, k in ((m.G, "G"), (m.D, "D"), (m.optG, "optG"), (m.optD, "optD")): obj.load_state_dict(ck[k])
+        for obj, k in ((unwrap(m.G), "G"), (unwrap(m.D), "D"), (m.optG, "optG"), (m.optD, "optD")): obj.load_state_dict(ck[k])
+        if m.ema is not None: m.ema.load_state_dict(ck["G_ema"] if ck.get("G_ema") is not None else unwrap(m.G).state_dict())
+        self.prec.load_state_dict(ck.get("scaler") or {})
         for o, groups in zip((m.optG, m.optD), fresh):
             for g, h in zip(o.param_groups, groups): g.update(h)
         self.epoch, self.step = ck["epoch"], ck["step"]
@@ -377,6 +427,7 @@ def _every(n: int, epoch: int, last: int) -> bool: return epoch == last or (n > 
 class Checkpointer(Callback):
     "Flush the loss log, then write a checkpoint every `cfg.ckpt_every` epochs and at the end (runs last)."
     def after_epoch(self, run):
+        if not run.dist.main: return                     # rank 0 alone writes
         run.log.flush()
         if _every(run.cfg.ckpt_every, run.epoch, run.cfg.epochs): save_checkpoint(run.run_dir, run.checkpoint(), run.cfg.keep_ckpts)
 
@@ -384,12 +435,12 @@ class Sampler(Callback):
     "Sample grid of the fixed test captions every `cfg.sample_every` epochs (`samples/epoch_<e>.png`)."
     def __init__(self, n: int = 8, n_noise: int = 2): self.n, self.n_noise, self.fixed = n, n_noise, None
     def after_epoch(self, run):
-        if not _every(run.cfg.sample_every, run.epoch, run.cfg.epochs): return
+        if not run.dist.main or not _every(run.cfg.sample_every, run.epoch, run.cfg.epochs): return
         if self.fixed is None:
             self.fixed = fixed_captions(run.assets.test, self.n)
             g = torch.Generator().manual_seed(run.cfg.seed)
             self.noise = [torch.randn(len(self.fixed["text"]), run.models.arch_cfg.nz, generator=g) for _ in range(self.n_noise)]
-        rows = [self.fixed["real"]] + [generate(run.models.G, run.enc.text, self.fixed["caption"], self.fixed["cap_len"], z, run.device)
+        rows = [self.fixed["real"]] + [generate(run.models.G_eval, run.enc.text, self.fixed["caption"], self.fixed["cap_len"], z, run.device)
                                       for z in self.noise]
         path = save_grid(rows, self.fixed["text"], run.run_dir / "samples" / f"epoch_{run.epoch:04d}.png",
                          ["real"] + [f"noise {i}" for i in range(self.n_noise)], f"{run.cfg.name} — epoch {run.epoch}")
@@ -398,15 +449,38 @@ class Sampler(Callback):
 class LossPlot(Callback):
     "Loss curves (`loss_curves.png`) at the end of training."
     def after_fit(self, run):
-        if (run.run_dir / "losses.csv").exists(): plot_losses(run.run_dir / "losses.csv", run.run_dir / "loss_curves.png")
+        if run.dist.main and (run.run_dir / "losses.csv").exists(): plot_losses(run.run_dir / "losses.csv", run.run_dir / "loss_curves.png")
+
+class TensorBoard(Callback):
+    "Loss terms every step, the sample grid and the metrics of each evaluation, in `<run_dir>/tensorboard`."
+    def __init__(self, writer=None): self.writer = writer       # any object with SummaryWriter's add_* methods
+    def _w(self, run):
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter     # needs the tensorboard package (validate checks)
+            self.writer = SummaryWriter(str(run.run_dir / "tensorboard"))
+        return self.writer
+    def _metrics(self, run, rows):
+        for r in rows:
+            if isinstance(r.get("value"), (int, float)): self._w(run).add_scalar(f"metrics/{r['metric']}", r["value"], run.step)
+    def after_step(self, run):
+        for k, v in run.terms.items(): self._w(run).add_scalar(f"loss/{k}", v, run.step)
+    def after_epoch(self, run):
+        grid = run.run_dir / "samples" / f"epoch_{run.epoch:04d}.png"
+        if grid.exists():
+            from PIL import Image
+            self._w(run).add_image("samples", np.asarray(Image.open(grid).convert("RGB")), run.step, dataformats="HWC")
+        self._metrics(run, [r for r in run.history if r.get("step") == run.step])
+    def after_fit(self, run):
+        if (run.run_dir / "metrics.json").exists(): self._metrics(run, read_metrics(run.run_dir))
+        self._w(run).flush()
 
 # %% ../nbs/08_train.ipynb
-def _steps_per_epoch(cfg, ds): return len(ds) // cfg.batch_size
+def _steps_per_epoch(cfg, ds, world: int = 1): return -(-len(ds) // world) // (cfg.batch_size // world)
 
 # Settings that may differ on resume: where things are, how often to report, and how long to train.
 RESUME_FREE = ("data_dir", "image_dir", "damsm_dir", "eval_damsm_dir", "device", "out_dir", "run_name", "resume",
                "epochs", "eval_every", "n_eval", "sample_every", "ckpt_every", "keep_ckpts", "inception_weights",
-               "num_workers", "check_data", "allow_config_change")
+               "num_workers", "check_data", "allow_config_change", "compile", "tensorboard")
 
 def config_diff(old: dict, new: dict, data_old=None, data_new=None) -> dict:
     "Training-relevant settings that differ between a checkpoint's config and `new`: name -> (old, new)."
@@ -434,7 +508,7 @@ def _checkpoint_to_resume(cfg: TrainConfig, data_fp: str | None, device) -> tupl
     return ck, path, diff
 
 _RUN_FILES = ("checkpoints", "samples", "losses.csv", "metrics.json", "metrics_history.jsonl", "samples.png",
-              "loss_curves.png", "config.json")
+              "loss_curves.png", "config.json", "tensorboard")
 
 def _check_run_dir(cfg: TrainConfig):
     "Refuse a run folder that `train` did not make: new, empty, or with a `config.json` of ours (other files are kept)."
@@ -464,37 +538,53 @@ def _invalidate_derived(run: RunState):
         with atomic_write(h) as tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in run.history))
 
 # %% ../nbs/08_train.ipynb
+def _prepare_dir(cfg: TrainConfig):
+    "Rank 0's checks of the run folder before anything is written (see above)."
+    clean_stale_temp_files(cfg.run_dir)
+    if not cfg.resume: _fresh_run_dir(cfg)
+    _checkpoint_to_resume(cfg, None, "cpu")          # refuse a mismatched resume before the long asset preparation
+
+def _rank0_first(info: DistInfo, fn):
+    "Run `fn` on rank 0, then on the other ranks (caches are built once, then read)."
+    if info.main: out = fn()
+    barrier(info)
+    if not info.main: out = fn()
+    return out
+
 def train(cfg: TrainConfig, assets=None, callbacks=(), progress: bool = True) -> Path:
-    "Train `cfg` (resuming from its run directory when `cfg.resume`); returns the run directory."
+    "Train `cfg` (resuming from its run directory when `cfg.resume`); returns the run directory. Under torchrun: DDP."
     from t2i_nb.losses import loss_config
     cfg = validate(cfg)
-    device = get_device(cfg.device)
+    info, device = init_distributed(get_device(cfg.device))
+    if cfg.batch_size % info.world:
+        raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the {info.world} processes")
     if device.type == "cpu": keep_freed_memory()
-    _check_run_dir(cfg)                              # before the lock file is made: a foreign folder gets nothing
-    with RunLock(cfg.run_dir):                       # one writer per run folder, for the whole run
-        clean_stale_temp_files(cfg.run_dir)
-        if not cfg.resume: _fresh_run_dir(cfg)
-        _checkpoint_to_resume(cfg, None, "cpu")      # refuse a mismatched resume before the long asset preparation
+    if info.main: _check_run_dir(cfg)                # before the lock file is made: a foreign folder gets nothing
+    with RunLock(cfg.run_dir) if info.main else contextlib.nullcontext():   # one writer per run folder
+        _rank0_first(info, lambda: _prepare_dir(cfg) if info.main else None)
         seed_everything(cfg.seed)
-        assets = assets if assets is not None else prepare_assets(cfg, device)
-        if _steps_per_epoch(cfg, assets.train) < 1:
+        assets = assets if assets is not None else _rank0_first(info, lambda: prepare_assets(cfg, device))
+        if _steps_per_epoch(cfg, assets.train, info.world) < 1:
             raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(assets.train)} training images: "
                              f"an epoch would have no step")
         lcfg = loss_config(cfg.loss, **cfg.lambdas)
-        run = RunState(cfg, build_models(cfg, device), assets.encoders(lcfg), assets, device,
-                       torch.Generator().manual_seed(cfg.seed), log=LossLog(cfg.run_dir / "losses.csv"))
+        run = RunState(cfg, build_models(cfg, device, info), assets.encoders(lcfg), assets, device,
+                       torch.Generator().manual_seed(cfg.seed), log=LossLog(cfg.run_dir / "losses.csv"),
+                       prec=Precision(cfg.precision, device), dist=info)
         found = _checkpoint_to_resume(cfg, assets.info.get("data_fingerprint"), device)
         if found: run.restore(found[0])
         if found and found[2]:
             run.changes.append(dict(step=run.step, changes={k: list(v) for k, v in found[2].items()}))
-        atomic_write_json(dict(config=to_dict(cfg), loss=to_dict(lcfg), assets=assets.info,
-                               resumed_from=dict(path=str(found[1]), epoch=run.epoch, step=run.step) if found else None,
-                               changes=run.changes), cfg.run_dir / "config.json")
-        if run.epoch < cfg.epochs: _invalidate_derived(run)
-        run.log.resume_at(run.step)
-        cbs = [Sampler(), Evaluator(), LossPlot(), *callbacks, Checkpointer()]
-        bar = tqdm(total=cfg.epochs * _steps_per_epoch(cfg, assets.train), initial=run.step, desc=f"train {cfg.name}",
-                   disable=not progress, smoothing=0.1)
+        if info.main:
+            atomic_write_json(dict(config=to_dict(cfg), loss=to_dict(lcfg), assets=assets.info, world_size=info.world,
+                                   resumed_from=dict(path=str(found[1]), epoch=run.epoch, step=run.step) if found else None,
+                                   changes=run.changes), cfg.run_dir / "config.json")
+            if run.epoch < cfg.epochs: _invalidate_derived(run)
+            run.log.resume_at(run.step)
+        cbs = [Sampler(), Evaluator(), LossPlot(), *([TensorBoard()] if cfg.tensorboard and info.main else []),
+               *callbacks, Checkpointer()]
+        bar = tqdm(total=cfg.epochs * _steps_per_epoch(cfg, assets.train, info.world), initial=run.step, desc=f"train {cfg.name}",
+                   disable=not progress or not info.main, smoothing=0.1)
         if found: bar.write(f"resumed from {found[1]} (epoch {run.epoch}, step {run.step})")
         try: _fit(run, lcfg, cbs, bar)
         except NonFiniteLossError as e:
@@ -503,18 +593,32 @@ def train(cfg: TrainConfig, assets=None, callbacks=(), progress: bool = True) ->
                                      f"checkpoint: {last[1] if last else 'none'} (resume=True restarts from it)") from None
         finally: bar.close()
         for cb in cbs: cb.after_fit(run)
+        barrier(info)
     return cfg.run_dir
 
 # %% ../nbs/08_train.ipynb
+def _to(batch: dict, device, channels_last: bool = False) -> dict:
+    "Tensors of `batch` on `device` (asynchronous copies from pinned memory; images channels-last on request)."
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    return {k: (v.to(device, non_blocking=True, memory_format=fmt) if k == "img" else v.to(device, non_blocking=True))
+            if torch.is_tensor(v) else v for k, v in batch.items()}
+
 def _fit(run: RunState, lcfg, cbs, bar):
-    cfg, m = run.cfg, run.models
-    m.G.train(); m.D.train()
+    cfg, m, info = run.cfg, run.models, run.dist
+    unwrap(m.G).train(); unwrap(m.D).train()
+    cuda = run.device.type == "cuda"
+    loader = epoch_loader(run.assets.train, cfg.batch_size // info.world, run.epoch, cfg.seed, num_workers=cfg.num_workers,
+                          rank=info.rank, world=info.world, pin_memory=cuda, persistent=True)
+    channels_last = cuda and getattr(m.arch_cfg, "channels_last", False)
     for epoch in range(run.epoch, cfg.epochs):
-        for batch in epoch_loader(run.assets.train, cfg.batch_size, epoch, cfg.seed, num_workers=cfg.num_workers):
-            noise = torch.randn(len(batch["img"]), m.arch_cfg.nz, generator=run.noise_gen)
-            run.terms = train_step(m, _to(batch, run.device), run.enc, lcfg, noise.to(run.device))
+        loader.sampler.set_epoch(epoch); run.assets.train.set_epoch(epoch)
+        for batch in loader:
+            noise = torch.randn(cfg.batch_size, m.arch_cfg.nz, generator=run.noise_gen)[info.rank::info.world]
+            terms = train_step(m, _to(batch, run.device, channels_last), run.enc, lcfg, noise.to(run.device), run.prec,
+                               info)
+            run.terms = mean_across(terms, info)
             run.step += 1
-            run.log.add(run.step, epoch, run.terms)
+            if info.main: run.log.add(run.step, epoch, run.terms)
             bar.update(); bar.set_postfix({k: f"{run.terms[k]:.3g}" for k in ("d_loss", "g_loss") if k in run.terms})
             for cb in cbs: cb.after_step(run)
         run.epoch = epoch + 1
@@ -654,10 +758,11 @@ def _caption_rows(ds, rows, rng, other_than=None):
     return cap, torch.tensor([len(c) for c in ids]), js
 
 def fake_batches(G, text_enc, ds: TextImageDataset, n: int, batch_size: int = 100, seed: int = 0, device="cpu",
-                 pairs: bool = False, nz: int = 100):
-    "Yield batches of `n` generated images for test captions (`img2` from a second caption with the same noise if `pairs`)."
-    rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    for s in range(0, n, batch_size):
+                 pairs: bool = False, nz: int = 100, dist: DistInfo = DistInfo()):
+    "Batches of `n` fakes for test captions (`img2`: a second caption, same noise, if `pairs`); rank r makes batches k≡r."
+    for k, s in enumerate(range(0, n, batch_size)):
+        if k % dist.world != dist.rank: continue
+        rng, g = np.random.default_rng([seed, k]), torch.Generator().manual_seed(seed * 1_000_003 + k)   # per batch
         rows = np.arange(s, min(n, s + batch_size)) % len(ds)
         cap, lens, js = _caption_rows(ds, rows, rng)
         z = torch.randn(len(rows), nz, generator=g)
@@ -699,29 +804,34 @@ def metric_plan(assets: Assets, n: int, cache_dir, seed: int = 0, device="cpu") 
     return names, ex, refs
 
 # %% ../nbs/08_train.ipynb
-def evaluate(G, assets: Assets, n: int, device="cpu", seed: int = 0, cache_dir=None, nz: int = 100) -> list[dict]:
-    "Every metric of the dataset's protocol on `n` images generated by `G`, in one pass."
+def evaluate(G, assets: Assets, n: int, device="cpu", seed: int = 0, cache_dir=None, nz: int = 100,
+             dist: DistInfo = DistInfo()) -> list[dict]:
+    "Every metric of the dataset's protocol on `n` images generated by `G`, in one pass (sharded over `dist`'s ranks)."
     from t2i_nb.metrics import compute_metrics
     cache_dir = cache_dir or Path(assets.test.root) / "t2i_cache" / "stats"
-    names, ex, refs = metric_plan(assets, n, cache_dir, seed, device)
+    names, ex, refs = _rank0_first(dist, lambda: metric_plan(assets, n, cache_dir, seed, device))   # caches once
     batches = lambda: fake_batches(G, assets.text_enc, assets.test, n, seed=seed, device=device,
-                                   pairs="consistency_sb" in names, nz=nz)
-    return compute_metrics(names, batches, ex, refs, seed=seed, device=device)
+                                   pairs="consistency_sb" in names, nz=nz, dist=dist)
+    return compute_metrics(names, batches, ex, refs, seed=seed, device=device, dist=dist)
 
 class Evaluator(Callback):
     "Evaluate every `cfg.eval_every` epochs (`metrics_history.jsonl`) and at the end (`metrics.json`)."
     def _run(self, run):
-        res = evaluate(run.models.G, run.assets, run.cfg.n_eval, run.device, seed=0, nz=run.models.arch_cfg.nz)
+        res = evaluate(run.models.G_eval, run.assets, run.cfg.n_eval, run.device, seed=0, nz=run.models.arch_cfg.nz,
+                       dist=run.dist)
         return [dict(r, epoch=run.epoch, step=run.step) for r in res]
     def after_epoch(self, run):
         if run.cfg.n_eval and run.cfg.eval_every and run.epoch % run.cfg.eval_every == 0 and run.epoch < run.cfg.epochs:
             rows = self._run(run)
             run.history.extend(rows)                     # saved with the epoch's checkpoint (the Checkpointer runs last)
-            with open(run.run_dir / "metrics_history.jsonl", "a") as f:
-                for r in rows: f.write(json.dumps(r) + "\n")
+            if run.dist.main:
+                with open(run.run_dir / "metrics_history.jsonl", "a") as f:
+                    for r in rows: f.write(json.dumps(r) + "\n")
     def after_fit(self, run):
         from t2i_nb.metrics import write_metrics_json
-        if run.cfg.n_eval: write_metrics_json(self._run(run), run.run_dir / "metrics.json")
+        if run.cfg.n_eval:
+            rows = self._run(run)
+            if run.dist.main: write_metrics_json(rows, run.run_dir / "metrics.json")
 
 # %% ../nbs/08_train.ipynb
 def read_metrics(run_dir) -> list[dict]:
@@ -743,7 +853,8 @@ def load_run(run_dir, device=None, assets=None):
 def evaluate_run(run_dir, n_eval: int | None = None, device=None, assets=None, seed: int = 0) -> list[dict]:
     "Evaluate a run directory's latest checkpoint with its dataset's protocol; writes and returns `metrics.json`."
     from t2i_nb.metrics import write_metrics_json
-    cfg, m, assets = load_run(run_dir, device, assets)
-    res = evaluate(m.G, assets, n_eval or cfg.n_eval, get_device(device or cfg.device), seed=seed, nz=m.arch_cfg.nz)
-    write_metrics_json(res, Path(run_dir) / "metrics.json")
+    with RunLock(run_dir, what="process (training or evaluation)"):   # never beside a run that is still writing
+        cfg, m, assets = load_run(run_dir, device, assets)
+        res = evaluate(m.G, assets, n_eval or cfg.n_eval, get_device(device or cfg.device), seed=seed, nz=m.arch_cfg.nz)
+        write_metrics_json(res, Path(run_dir) / "metrics.json")
     return res

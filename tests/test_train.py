@@ -111,7 +111,7 @@ def test_cub_without_its_data_dir_fails_fast(tmp_path):
 def test_train_notebook_runs_under_papermill_with_tiny_parameters(tiny, tmp_path, papermill):
     extra = dict(n_train=tiny["n_train"], n_test=tiny["n_test"], pretrain_epochs=1, sample_every=1)
     r = papermill("train", tmp_path / "out.ipynb", data_dir=tiny["data_dir"], out_dir=str(tmp_path / "runs"), run_name="pm",
-                  epochs=1, batch_size=8, ngf=8, ndf=8, n_eval=500, device="cpu", loss="f2f", extra=extra)
+                  epochs=1, batch_size=8, ngf=8, ndf=8, n_eval=500, device="cpu", loss="f2f", precision="bf16", extra=extra)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "pm"
     for f in ("config.json", "losses.csv", "samples.png", "loss_curves.png", "metrics.json", "checkpoints/ckpt_0001.pt"):
@@ -120,7 +120,7 @@ def test_train_notebook_runs_under_papermill_with_tiny_parameters(tiny, tmp_path
     assert {"rprec_100_heldout", "fid_sb_500_test", "is_sb_500", "semantic_acc_sb", "consistency_sb"} <= set(metrics)
     assert all(m["n_fake"] == 500 for k, m in metrics.items() if k != "consistency_sb")
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["config"]["loss"] == "f2f" and cfg["loss"]["lambda_f2f"] == 0.2 and cfg["assets"]["damsm"]["text"].endswith(".pth")
+    assert cfg["config"]["loss"] == "f2f" and cfg["config"]["precision"] == "bf16" and cfg["loss"]["lambda_f2f"] == 0.2 and cfg["assets"]["damsm"]["text"].endswith(".pth")
     assert set(pd.read_csv(run / "losses.csv").columns) >= {"step", "d_loss", "magp", "g_adv", "g_damsm", "g_f2f", "g_loss"}
 
 
