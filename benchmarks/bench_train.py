@@ -10,6 +10,7 @@ f2f, ...), so load from other processes hits every preset alike; the median is r
     python benchmarks/bench_train.py --rounds 3 --malloc both --threads 1
     python benchmarks/bench_train.py --img-size 256 --ngf 64 --ndf 64 --batch-size 4 --device cuda
     python benchmarks/bench_train.py --parallel 2 --presets f2f_r2f --steps 10   # 1 process x 2 threads vs 2 x 1 (studies)
+    python benchmarks/bench_train.py --against df766f0 --presets f2f_r2f       # this tree vs an earlier commit
 
 `--parallel W` answers how to lay out a study on a CPU (`t2i_nb.reproduce.run_study(workers=...)`): the same preset
 as one process using every core, then as W processes with one thread each that time their steps simultaneously
@@ -48,9 +49,12 @@ print(json.dumps(dict(times=times, peak_gb=peak, threads=torch.get_num_threads()
 """
 
 
-def run(args, preset, keep_freed):
+def run(args, preset, keep_freed, tree=None):
+    "One child process timing `preset`; `tree`: a checkout whose t2i_nb is imported instead of this one."
     a = dict(vars(args), preset=preset, keep_freed=keep_freed)
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(a)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    env = dict(os.environ, PYTHONPATH=tree) if tree else None
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(a)], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                         env=env, cwd=tree)
     if out.returncode: raise SystemExit(f"{preset}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -75,6 +79,26 @@ def parallel(args, workers):
         print(f"| {name} | {statistics.median(t for r in rs for t in r['times']):.2f} | {ips:.1f} | {ips / base:.2f} |")
 
 
+def against(args, rev):
+    "This tree vs commit `rev` (a temporary git worktree), preset by preset in interleaved rounds."
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = tempfile.mkdtemp(prefix="t2i_bench_rev_")
+    subprocess.run(["git", "-C", root, "worktree", "add", "--detach", tree, rev], check=True, capture_output=True)
+    try:
+        presets, res = args.presets.split(","), {}
+        for _ in range(args.rounds):
+            for n in presets:
+                for name, t in (("this tree", None), (rev, tree)):
+                    res.setdefault((n, name), []).append(run(args, n, True, t))
+    finally: subprocess.run(["git", "-C", root, "worktree", "remove", "--force", tree], capture_output=True)
+    med = {k: statistics.median(t for r in rs for t in r["times"]) for k, rs in res.items()}
+    print(f"SSA-GAN iteration, {args.img_size} px, ngf {args.ngf} ndf {args.ndf}, batch {args.batch_size}, median of "
+          f"{args.rounds}x{args.steps} steps per version, load average {os.getloadavg()[0]:.1f}")
+    print(f"| preset | s/step this tree | s/step {rev} | speed-up (this / {rev}) |\n|---|---|---|---|")
+    for n in presets:
+        print(f"| {n} | {med[n, 'this tree']:.3f} | {med[n, rev]:.3f} | {med[n, rev] / med[n, 'this tree']:.2f}x |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "t2i_bench_sb"))
@@ -91,11 +115,13 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--parallel", type=int, default=0, help="compare 1 process x all cores with N processes x 1 thread")
+    ap.add_argument("--against", default="", help="a git revision to time side by side with this tree")
     args = ap.parse_args()
     from t2i_nb.train import TRAIN_PRESETS
     p = TRAIN_PRESETS["synth_birds"]
     args.ngf, args.ndf, args.batch_size = args.ngf or p.ngf, args.ndf or p.ndf, args.batch_size or p.batch_size
     if args.parallel: return parallel(args, args.parallel)
+    if args.against: return against(args, args.against)
     presets = args.presets.split(",")
     modes = {"default": [False], "keep": [True], "both": [False, True]}[args.malloc]
     res = {(n, k): [] for n in presets for k in modes}

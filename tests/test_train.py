@@ -127,3 +127,23 @@ def test_train_notebook_runs_under_papermill_with_tiny_parameters(tiny, tmp_path
 def test_train_notebook_reports_bad_parameters(tmp_path, papermill):
     r = papermill("train", tmp_path / "bad.ipynb", loss="nope")
     assert r.returncode != 0 and "unknown loss preset 'nope'" in (r.stdout + r.stderr)
+
+
+def test_tensorboard_callback_logs_losses_samples_and_metrics(tiny, tmp_path):
+    from t2i_nb.train import TensorBoard
+
+    class Writer:                                     # SummaryWriter's interface, recording the calls
+        def __init__(self): self.calls = []
+        def add_scalar(self, tag, v, step): self.calls.append(("scalar", tag, step))
+        def add_image(self, tag, img, step, dataformats): self.calls.append(("image", tag, step, img.shape[-1]))
+        def flush(self): self.calls.append(("flush",))
+    w = Writer()
+    kw = dict(tiny, run_name="tb", out_dir=str(tmp_path), epochs=1, n_eval=40, sample_every=1)
+    train(make_config(**kw), callbacks=[TensorBoard(w)], progress=False)
+    scalars = [c for c in w.calls if c[0] == "scalar"]
+    assert ("scalar", "loss/d_loss", 1) in scalars and ("scalar", "loss/g_loss", 6) in scalars
+    assert ("image", "samples", 6, 3) in w.calls and ("scalar", "metrics/semantic_acc_sb", 6) in scalars
+    assert w.calls[-1] == ("flush",)
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is None:      # an optional extra: asking for it without it fails first
+        with pytest.raises(ImportError, match="tensorboard=True needs the tensorboard package"): make_config(tensorboard=True)
