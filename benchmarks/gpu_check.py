@@ -73,8 +73,11 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     if not args.skip_tests:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py", "tests/test_device.py"], cwd=ROOT,
-                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        try: r = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py", "tests/test_device.py"], cwd=ROOT,
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=240)
+        except subprocess.TimeoutExpired as e:
+            r = subprocess.CompletedProcess(e.cmd, -1, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else e.stdout or "",
+                                            "timed out after 240 s")
         print(r.stdout[-3000:], r.stderr[-2000:], flush=True)
         report["tests"] = dict(returncode=r.returncode, tail=r.stdout[-500:])
     rows = []

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00b_accel.ipynb 1
 from __future__ import annotations
-import copy, os
+import copy, datetime, os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -81,7 +81,9 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     if world == 1: return DistInfo(), device
     local = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda": device = torch.device("cuda", local); torch.cuda.set_device(device)
-    if not dist.is_initialized(): dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():   # CPU tensors (logged terms, gathered objects) go through gloo beside NCCL; rank 0
+        backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"      # may prepare data for hours first
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=6))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local), device
 
 def mean_across(terms: dict, info: DistInfo) -> dict:
@@ -130,15 +132,17 @@ def broadcast_object(obj, info: DistInfo):
 
 # %% ../nbs/00b_accel.ipynb
 def fake_device_copy(module: nn.Module, device="cuda") -> nn.Module:
-    "`module` with every parameter and buffer replaced by an empty (fake) tensor on `device`; call inside FakeTensorMode."
+    ("`module` with every parameter and buffer replaced by an empty (fake) tensor on `device`; "
+     "call inside FakeTensorMode.")
     device = torch.device(device)
     for m in module.modules():
         for k, p in list(m._parameters.items()):
             if p is None: continue
             fmt = torch.channels_last if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) \
                 else torch.contiguous_format
-            m._parameters[k] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device).contiguous(memory_format=fmt),
-                                            requires_grad=p.requires_grad)
+            m._parameters[k] = nn.Parameter(
+                torch.empty(p.shape, dtype=p.dtype, device=device).contiguous(memory_format=fmt),
+                requires_grad=p.requires_grad)
         for k, b in list(m._buffers.items()):
             if b is not None: m._buffers[k] = torch.empty(b.shape, dtype=b.dtype, device=device)
     return module

@@ -52,7 +52,8 @@ class CaptionEncoder(nn.Module):
         self.fc = nn.Linear(c_in * (img_size // 16) ** 2, feat_dim)     # whole grid, flattened (keeps positions)
 
     def forward(self, images):  # images: B x 3 x H x W in [-1, 1], resized to img_size
-        if images.ndim != 4 or images.shape[1] != 3: raise ValueError(f"expected B x 3 x H x W images, got {tuple(images.shape)}")
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected B x 3 x H x W images, got {tuple(images.shape)}")
         if images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
             images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
         g = self.convs(images)
@@ -160,7 +161,8 @@ def caption_token_accuracy(captioner: Captioner, ds: TextImageDataset, batch_siz
         pred, shuf = (captioner(x, caps.to(device)).argmax(-1).cpu() for x in (img, img.roll(1, 0)))
         for sfx in sfxs:
             m = mask & torch.isin(targets, focus) if sfx else mask
-            for k, p in (("acc", pred), ("shuffled", shuf), ("unigram", torch.full_like(targets, top)), ("bigram", follow[prev])):
+            for k, p in (("acc", pred), ("shuffled", shuf), ("unigram", torch.full_like(targets, top)),
+                         ("bigram", follow[prev])):
                 hits[k + sfx] = hits.get(k + sfx, 0) + int(((p == targets) & m).sum())
             n[sfx] += int(m.sum())
     out = {k: v / max(n["_focus" if k.endswith("_focus") else ""], 1) for k, v in hits.items()}
@@ -188,13 +190,15 @@ def pretrain_captioner(data_root, cfg: CaptionerConfig = CaptionerConfig(), out_
     train, test = TextImageDataset(data_root, "train", **kw), TextImageDataset(data_root, "test", **kw)
     model = Captioner(train.n_words, cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    atomic_write_json(dict(config=asdict(cfg), data_root=str(data_root), n_words=train.n_words), out_dir / "config.json")
+    atomic_write_json(dict(config=asdict(cfg), data_root=str(data_root), n_words=train.n_words),
+                      out_dir / "config.json")
     hist = dict(train_loss=[])
     for ep in (bar := tqdm(range(cfg.epochs), desc="captioner")):
         hist["train_loss"].append(_train_epoch(model, opt, train, cfg, ep, device))
         bar.set_postfix(loss=f"{hist['train_loss'][-1]:.3f}")
     hist["test"] = caption_token_accuracy(model, test, device=device, focus_words=focus_words)
-    path = atomic_torch_save(dict(model=model.state_dict(), n_words=train.n_words, config=asdict(cfg)), out_dir / "captioner.pth")
+    path = atomic_torch_save(dict(model=model.state_dict(), n_words=train.n_words, config=asdict(cfg)),
+                             out_dir / "captioner.pth")
     atomic_write_json(hist, out_dir / "history.json")
     return dict(path=str(path), **hist)
 

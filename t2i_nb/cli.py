@@ -24,10 +24,11 @@ def parse_cli(argv: list[str]) -> dict:
     out, args = {}, list(argv)
     while args:
         a = args.pop(0)
-        if not a.startswith("--"): raise ValueError(f"t2i-train: expected --name value, got {a!r} (see t2i-train --help)")
+        if not a.startswith("--"):
+            raise ValueError(f"t2i-train: expected --name value, got {a!r} (see t2i-train --help)")
         name, _, val = a[2:].partition("=")
         if not _:
-            if not args: raise ValueError(f"t2i-train: --{name} needs a value")
+            if not args or args[0].startswith("--"): raise ValueError(f"t2i-train: --{name} needs a value")
             val = args.pop(0)
         name = name.replace("-", "_")
         out[name] = _value(name, kinds.get(name, "str"), val)

@@ -26,7 +26,8 @@ def get_device(device: str | torch.device = "auto") -> torch.device:
         if mps is not None and mps.is_available(): return torch.device("mps")
         return torch.device("cpu")
     try: dev = torch.device(device)
-    except RuntimeError as e: raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine; use 'auto' or 'cpu'")
     return dev
@@ -44,7 +45,7 @@ def rng_state() -> dict:
     kind, np_keys, np_pos, has_gauss, gauss = np.random.get_state()
     st = dict(python=[v, list(keys), pos], numpy=[kind, np_keys.tolist(), int(np_pos), int(has_gauss), float(gauss)],
               torch=torch.get_rng_state())
-    if torch.cuda.is_available(): st["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized(): st["cuda"] = torch.cuda.get_rng_state()   # this device
     return st
 
 def set_rng_state(st: dict):
@@ -53,8 +54,8 @@ def set_rng_state(st: dict):
     random.setstate((v, tuple(keys), pos))
     kind, np_keys, *rest = st["numpy"]
     np.random.set_state((kind, np.asarray(np_keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
+    torch.set_rng_state(st["torch"].cpu())
+    if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state(st["cuda"].cpu())
 
 # %% ../nbs/00_core.ipynb
 class UnknownNameError(KeyError):
@@ -131,7 +132,8 @@ def check_finite(terms: dict, where: str = ""):
     "Raise `NonFiniteLossError` naming every term of `terms` (name -> scalar) that is NaN/inf."
     bad = {k: float(v) for k, v in terms.items() if not np.isfinite(float(v))}
     if bad:
-        raise NonFiniteLossError(f"non-finite loss {bad}{' at ' + where if where else ''}; stopping before the optimizer step")
+        raise NonFiniteLossError(f"non-finite loss {bad}{' at ' + where if where else ''}; "
+                                 f"stopping before the optimizer step")
 
 def nonfinite_tensors(tree, prefix: str = "") -> list[str]:
     "Names (dotted paths) of the floating-point tensors in a nested dict/list of `tree` that hold NaN or inf."

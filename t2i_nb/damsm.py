@@ -172,8 +172,10 @@ def build_encoders(cfg: DAMSMConfig, n_words: int, device="cpu"):
     if cfg.image_encoder == "inception": kw["weights"] = cfg.inception_weights
     return text_enc.to(device), IMAGE_ENCODERS[cfg.image_encoder](**kw).to(device)
 
-def damsm_step_terms(text_enc, img_enc, batch: dict, cfg: DAMSMConfig, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    "`(loss terms, image codes, sentence vectors)` of one batch; DAMSM on two captions + NT-Xent when `cfg.contrastive`."
+def damsm_step_terms(text_enc, img_enc, batch: dict, cfg: DAMSMConfig,
+                     device) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    ("`(loss terms, image codes, sentence vectors)` of one batch; "
+     "DAMSM on two captions + NT-Xent when `cfg.contrastive`.")
     feats, code = img_enc(batch["img"].to(device))
     cls = batch["class_id"].to(device)
     def one(caps, lens):
@@ -234,7 +236,8 @@ def encode_split(text_enc, img_enc, ds, device="cpu", batch_size: int = 250, see
     ids, lens = torch.from_numpy(np.stack([c for c, _ in caps])), torch.tensor([n for _, n in caps])
     sent = torch.cat([text_enc(ids[k:k + batch_size].to(device), lens[k:k + batch_size])[1]
                       for k in range(0, len(ids), batch_size)])
-    codes = torch.cat([img_enc(torch.stack([ds[i]["img"] for i in range(k, min(k + batch_size, len(ds)))]).to(device))[1]
+    codes = torch.cat([img_enc(torch.stack([ds[i]["img"]
+                                            for i in range(k, min(k + batch_size, len(ds)))]).to(device))[1]
                        for k in range(0, len(ds), batch_size)])
     return codes.cpu(), sent.cpu().reshape(len(ds), ds.C, -1)
 
@@ -258,7 +261,8 @@ def _save_run(out_dir: Path, text_enc, img_enc, suffix: str = ""):
 
 def _reusable(out_dir: Path, key: str, data_root) -> dict | None:
     p = out_dir / "damsm.json"
-    if not (p.exists() and (out_dir / "text_encoder.pth").exists() and (out_dir / "image_encoder.pth").exists()): return None
+    if not (p.exists() and (out_dir / "text_encoder.pth").exists()
+            and (out_dir / "image_encoder.pth").exists()): return None
     info = json.loads(p.read_text())
     return info if info.get("config_key") == key and info.get("data_root") == str(data_root) else None
 
@@ -266,7 +270,8 @@ def _reusable(out_dir: Path, key: str, data_root) -> dict | None:
 def pretrain_damsm(cfg: DAMSMConfig, data_root, out_dir, device="cpu",
                    reuse: bool = True,       # return a finished identical run from out_dir instead of training
                    progress: bool = True) -> dict:
-    "Pretrain DAMSM text + image encoders on `data_root`; saves official-format checkpoints; returns config, history, metrics."
+    ("Pretrain DAMSM text + image encoders on `data_root`; saves official-format checkpoints; "
+     "returns config, history, metrics.")
     out_dir, device, key = Path(out_dir), get_device(device), config_key(cfg)
     if reuse and (done := _reusable(out_dir, key, Path(data_root).resolve())): return dict(done, reused=True)
     seed_everything(cfg.seed); t0, c0 = time.time(), time.process_time()
@@ -282,11 +287,13 @@ def pretrain_damsm(cfg: DAMSMConfig, data_root, out_dir, device="cpu",
     history, bar = [], tqdm(range(cfg.epochs), desc="DAMSM", disable=not progress)
     for epoch in bar:
         for g in opt.param_groups: g["lr"] = damsm_lr(cfg, epoch)
-        row = dict(epoch=epoch + 1, lr=damsm_lr(cfg, epoch), **train_epoch(text_enc, img_enc, opt, train, cfg, epoch, device))
+        row = dict(epoch=epoch + 1, lr=damsm_lr(cfg, epoch),
+                   **train_epoch(text_enc, img_enc, opt, train, cfg, epoch, device))
         row.update({f"test_{k}": v for k, v in evaluate_damsm(text_enc, img_enc, test, cfg, device).items()})
         history.append(dict(row, seconds=round(time.time() - t0, 1)))
         bar.set_postfix(loss=f"{row['total']:.2f}", test_top1=f"{row['test_top1_batch']:.2f}")
-        if cfg.snapshot_every and (epoch + 1) % cfg.snapshot_every == 0: _save_run(out_dir, text_enc, img_enc, str(epoch + 1))
+        if cfg.snapshot_every and (epoch + 1) % cfg.snapshot_every == 0:
+            _save_run(out_dir, text_enc, img_enc, str(epoch + 1))
     _save_run(out_dir, text_enc, img_enc)
     codes, sents = encode_split(text_enc, img_enc, test, device, seed=cfg.seed)
     top1 = retrieval_top1(codes, sents, test.class_ids, cfg.retrieval_candidates, cfg.seed)

@@ -118,12 +118,14 @@ def load_captions(root, captions_per_image: int):
     p = next((q for q in (root / "captions.pickle", root / "captions_DAMSM.pickle") if q.exists()), None)
     if p is None:
         if not (root / "text").is_dir():
-            raise DataLayoutError(f"missing {root/'captions.pickle'} (and no text/ folder to build it from)\n{LAYOUT.format(root=root)}")
+            raise DataLayoutError(f"missing {root/'captions.pickle'} (and no text/ folder to build it from)\n"
+                                  f"{LAYOUT.format(root=root)}")
         p = build_captions_pickle(root, captions_per_image)
     data = _load_pickle(p)
     if not isinstance(data, (list, tuple)) or len(data) != 4:
         raise UntrustedFileError(f"{p} should hold [train_captions, test_captions, ixtoword, wordtoix], "
-                                 f"got a {type(data).__name__}{f' of {len(data)} items' if hasattr(data, '__len__') else ''}")
+                                 f"got a {type(data).__name__}"
+                                 f"{f' of {len(data)} items' if hasattr(data, '__len__') else ''}")
     train, test, ixtoword, wordtoix = data
     return list(train), list(test), dict(ixtoword), dict(wordtoix)
 
@@ -222,7 +224,8 @@ def detect_kind(root, image_dir=None) -> str:
     if not root.exists(): raise DataLayoutError(f"dataset folder {root} does not exist\n{LAYOUT.format(root=root)}")
     if (root / "CUB_200_2011").is_dir(): return "cub"
     if Path(image_dir or root / "images").is_dir(): return "coco"
-    raise DataLayoutError(f"cannot tell the dataset kind of {root}: no CUB_200_2011/ and no images/ folder\n{LAYOUT.format(root=root)}")
+    raise DataLayoutError(f"cannot tell the dataset kind of {root}: no CUB_200_2011/ and no images/ folder\n"
+                          f"{LAYOUT.format(root=root)}")
 
 # %% ../nbs/01_data.ipynb
 class TextImageDataset(Dataset):
@@ -242,9 +245,11 @@ class TextImageDataset(Dataset):
         self.two_captions, self.seed, self.epoch = two_captions, seed, 0
         self.augment = split == "train" if augment is None else augment
         self.kind = kind or detect_kind(root, image_dir)
-        if self.kind not in CAPTIONS_PER_IMAGE: raise ValueError(f"unknown dataset kind {self.kind!r}; valid: cub, coco")
+        if self.kind not in CAPTIONS_PER_IMAGE:
+            raise ValueError(f"unknown dataset kind {self.kind!r}; valid: cub, coco")
         self.C = captions_per_image or CAPTIONS_PER_IMAGE[self.kind]
-        self.image_dir = Path(image_dir) if image_dir else self.root / ("CUB_200_2011/images" if self.kind == "cub" else "images")
+        self.image_dir = (Path(image_dir) if image_dir
+                          else self.root / ("CUB_200_2011/images" if self.kind == "cub" else "images"))
         self.keys = read_filenames(root, split)
         self.class_ids = read_class_ids(root, split, len(self.keys))
         train, test, self.ixtoword, self.wordtoix = load_captions(root, self.C)
@@ -261,9 +266,10 @@ class TextImageDataset(Dataset):
         bad = [(k, max(c)) for k, c in enumerate(self.captions) if c and (max(c) >= len(self.ixtoword) or min(c) < 0)]
         if bad:
             k, v = bad[0]
-            raise DataCheckError(f"{self.root/'captions.pickle'}: {len(bad)} {self.split} caption(s) hold word ids outside "
-                                 f"the vocabulary of {len(self.ixtoword):,} words, e.g. caption {k % self.C} of "
-                                 f"{self.keys[k // self.C]} has id {v}; the pickle and its vocabulary do not belong together")
+            raise DataCheckError(f"{self.root/'captions.pickle'}: {len(bad)} {self.split} caption(s) hold word ids "
+                                 f"outside the vocabulary of {len(self.ixtoword):,} words, e.g. caption {k % self.C} "
+                                 f"of {self.keys[k // self.C]} has id {v}; "
+                                 f"the pickle and its vocabulary do not belong together")
 
     n_words = property(lambda self: len(self.ixtoword))
     def __len__(self): return len(self.keys)
@@ -290,7 +296,8 @@ class TextImageDataset(Dataset):
         key = self.keys[i]
         bbox = None
         if self.bboxes is not None:
-            if key not in self.bboxes: raise DataLayoutError(f"no bounding box for {key} in {self.root/'CUB_200_2011/bounding_boxes.txt'}")
+            if key not in self.bboxes:
+                raise DataLayoutError(f"no bounding box for {key} in {self.root/'CUB_200_2011/bounding_boxes.txt'}")
             bbox = self.bboxes[key]
         img = load_image(self.image_path(key), bbox)
         if self._cache is not None: self._cache[i] = img
@@ -320,20 +327,23 @@ class TextImageDataset(Dataset):
 # %% ../nbs/01_data.ipynb
 class EpochSampler(torch.utils.data.Sampler):
     "`(epoch, index)` pairs of one epoch, order fixed by `(seed, epoch)`; rank `r` of `world` takes every world-th."
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1, epoch: int = 0):
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1, epoch: int = 0,
+                 whole_batches: int | None = None):  # global batch size: keep only whole global batches (drop_last)
         if not 0 <= rank < world: raise ValueError(f"rank {rank} is not in 0..{world - 1}")
         self.n, self.seed, self.shuffle, self.rank, self.world, self.epoch = n, seed, shuffle, rank, world, epoch
+        self.whole = whole_batches
 
     def set_epoch(self, epoch: int): self.epoch = epoch
 
     def order(self) -> list[int]:
-        "The whole epoch's order (all ranks), padded by wrapping around to a multiple of `world`."
+        "All ranks' order for the epoch: whole global batches only, or padded (wrapping) to a multiple of `world`."
         g = torch.Generator().manual_seed(int(self.seed) * 100_003 + int(self.epoch))
         order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        if self.whole: return order[:len(order) // self.whole * self.whole]
         return order + order[:(-len(order)) % self.world]
 
     def __iter__(self): return iter([(self.epoch, i) for i in self.order()[self.rank::self.world]])
-    def __len__(self): return -(-self.n // self.world)
+    def __len__(self): return len(self.order()) // self.world
 
 def epoch_loader(ds: TextImageDataset, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True, num_workers: int = 0,
@@ -341,7 +351,9 @@ def epoch_loader(ds: TextImageDataset, batch_size: int, epoch: int = 0, seed: in
                  pin_memory: bool = False, persistent: bool = False) -> DataLoader:
     "Loader of `epoch` (then `loader.sampler.set_epoch(e)`); order and item randomness fixed by `(seed, epoch)`."
     ds.set_epoch(epoch)
-    return DataLoader(ds, batch_size=batch_size, sampler=EpochSampler(len(ds), seed, shuffle, rank, world, epoch),
+    whole = batch_size * world if drop_last else None    # N processes then see exactly the batches of one
+    return DataLoader(ds, batch_size=batch_size,
+                      sampler=EpochSampler(len(ds), seed, shuffle, rank, world, epoch, whole),
                       drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=persistent and num_workers > 0)
 

@@ -150,7 +150,8 @@ class SmallImageEncoder(nn.Module):
         "`(features B x nef x img_size/8 x img_size/8, code B x nef)`."
         if x.dim() != 4 or x.shape[1] != 3: raise ValueError(f"expected B x 3 x H x W images, got {tuple(x.shape)}")
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
+                              antialias=True)
         h = self.stages(x)
         code = self.emb_cnn_code(self.last(h).mean((2, 3)))
         return self.emb_features(h), code
@@ -169,7 +170,8 @@ def load_text_encoder(path, n_words: int | None = None,   # dataset vocabulary s
     if "encoder.weight" not in sd: raise KeyError(f"{path} is not a text encoder state dict (no 'encoder.weight')")
     n_ckpt = sd["encoder.weight"].shape[0]
     if n_words is not None: check_vocab_size(n_words, n_ckpt, ckpt=str(path))
-    enc = TextEncoder(n_ckpt, ninput=sd["encoder.weight"].shape[1], nhidden=2 * sd["rnn.weight_hh_l0"].shape[1], **kwargs)
+    enc = TextEncoder(n_ckpt, ninput=sd["encoder.weight"].shape[1], nhidden=2 * sd["rnn.weight_hh_l0"].shape[1],
+                      **kwargs)
     enc.load_state_dict(sd, strict=True)
     return enc.to(device).eval()
 
@@ -178,7 +180,8 @@ def image_encoder_kind(sd: dict) -> str:
     "'inception' or 'small', from the keys of an image-encoder state dict."
     if any(k.startswith("Mixed_7c.") for k in sd): return "inception"
     if any(k.startswith("stages.") for k in sd): return "small"
-    raise KeyError(f"not a known image-encoder state dict (keys start {sorted(sd)[:3]}); known: {', '.join(IMAGE_ENCODERS)}")
+    raise KeyError(f"not a known image-encoder state dict (keys start {sorted(sd)[:3]}); "
+                   f"known: {', '.join(IMAGE_ENCODERS)}")
 
 def load_image_encoder(path, kind: str | None = None,  # 'inception' | 'small' | None = from the keys
                        device="cpu", **kwargs) -> nn.Module:
@@ -186,7 +189,8 @@ def load_image_encoder(path, kind: str | None = None,  # 'inception' | 'small' |
     sd = _load_sd(path)
     kind = kind or image_encoder_kind(sd)
     if kind == "small":
-        kwargs.setdefault("ndf", sd["stages.0.0.weight"].shape[0]); kwargs.setdefault("nef", sd["emb_cnn_code.weight"].shape[0])
+        kwargs.setdefault("ndf", sd["stages.0.0.weight"].shape[0])
+        kwargs.setdefault("nef", sd["emb_cnn_code.weight"].shape[0])
     else: kwargs.setdefault("nef", sd["emb_cnn_code.weight"].shape[0])
     enc = IMAGE_ENCODERS[kind](**kwargs)
     enc.load_state_dict(_fill_num_batches_tracked(sd, enc), strict=True)

@@ -39,7 +39,8 @@ def attribute_labels(root, keys) -> dict:
 def load_split(root, split: str, img_size: int = 64, progress: bool = True):
     "(images N×3×S×S in [-1, 1] with the deterministic test transform, labels dict, keys) of a SynthBirds split."
     ds = TextImageDataset(root, split, img_size=img_size, augment=False)
-    imgs = torch.stack([ds[i]["img"] for i in tqdm(range(len(ds)), desc=f"load {split}", leave=False, disable=not progress)])
+    imgs = torch.stack([ds[i]["img"]
+                        for i in tqdm(range(len(ds)), desc=f"load {split}", leave=False, disable=not progress)])
     return imgs, attribute_labels(root, ds.keys), ds.keys
 
 # %% ../nbs/07a_evaluator.ipynb
@@ -64,7 +65,8 @@ class SBEvaluator(nn.Module):
         "Last conv map B×8w×4×4 of images B×3×H×W in [-1, 1] (resized to img_size if needed)."
         if x.ndim != 4 or x.shape[1] != 3: raise ValueError(f"expected images B×3×H×W, got {tuple(x.shape)}")
         if x.shape[-2:] != (self.img_size, self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
+                              antialias=True)
         return self.trunk(x)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +100,8 @@ def augment(x: torch.Tensor, y: dict, shift: int, g: torch.Generator) -> tuple[t
     "Random translation (same for the batch) and per-image horizontal flips that also flip `facing`."
     if shift:
         dx, dy = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=g))
-        x = F.pad(x, (shift,) * 4, mode="replicate")[..., shift + dy:shift + dy + x.shape[-2], shift + dx:shift + dx + x.shape[-1]]
+        x = F.pad(x, (shift,) * 4, mode="replicate")[..., shift + dy:shift + dy + x.shape[-2],
+                                                     shift + dx:shift + dx + x.shape[-1]]
     flip = torch.rand(len(x), generator=g) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x, {**y, "facing": torch.where(flip, 1 - y["facing"], y["facing"])}
@@ -107,7 +110,8 @@ def augment(x: torch.Tensor, y: dict, shift: int, g: torch.Generator) -> tuple[t
 def predict(model: SBEvaluator, imgs: torch.Tensor, device="cpu", batch_size: int = 256) -> dict:
     "Predicted class index per head for images N×3×H×W."
     model.eval(); dev = get_device(device)
-    outs = [{k: v.argmax(1).cpu() for k, v in model(imgs[i:i + batch_size].to(dev)).items()} for i in range(0, len(imgs), batch_size)]
+    outs = [{k: v.argmax(1).cpu() for k, v in model(imgs[i:i + batch_size].to(dev)).items()}
+            for i in range(0, len(imgs), batch_size)]
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
 def head_accuracy(model: SBEvaluator, imgs: torch.Tensor, labels: dict, device="cpu") -> dict:
@@ -138,8 +142,10 @@ ARCH_VERSION = 2   # bump when SBEvaluator's layers change, so cached evaluators
 
 def evaluator_dir(data_root, cfg: EvaluatorConfig, out_dir=None) -> Path:
     "Cache folder of the evaluator trained with `cfg` on the SynthBirds build in `data_root`."
-    data = dataset_fingerprint(data_root)          # captions, splits and the SynthBirds build: a rebuilt dataset retrains
-    return Path(out_dir or Path(data_root) / "evaluator") / config_key(dict(cfg=to_dict(cfg), data=data, arch=ARCH_VERSION))
+    # captions, splits and the SynthBirds build: a rebuilt dataset retrains
+    data = dataset_fingerprint(data_root)
+    return (Path(out_dir or Path(data_root) / "evaluator")
+            / config_key(dict(cfg=to_dict(cfg), data=data, arch=ARCH_VERSION)))
 
 def load_evaluator(path, device="cpu") -> tuple[SBEvaluator, dict]:
     "(model in eval mode, report) from an evaluator.pt written by `train_evaluator`."
@@ -162,7 +168,8 @@ def train_evaluator(data_root, cfg: EvaluatorConfig | None = None, device="cpu",
     model = _fit(SBEvaluator(cfg.width, cfg.feat_dim, cfg.img_size).to(dev), xtr, ytr, cfg, dev, progress)
     report = dict(test_accuracy=head_accuracy(model, xte, yte, dev), train_accuracy=head_accuracy(model, xtr, ytr, dev),
                   n_train=len(xtr), n_test=len(xte), seconds=round(time.time() - t0, 1), config=to_dict(cfg))
-    atomic_torch_save(dict(state_dict=model.state_dict(), config=to_dict(cfg), heads=model.head_sizes, report=report), ckpt)
+    atomic_torch_save(dict(state_dict=model.state_dict(), config=to_dict(cfg), heads=model.head_sizes, report=report),
+                      ckpt)
     atomic_write_json(report, ckpt.parent / "evaluator.json")
     model.weights_path = str(ckpt)
     return model, report
@@ -171,7 +178,8 @@ def train_evaluator(data_root, cfg: EvaluatorConfig | None = None, device="cpu",
 def state_hash(model: nn.Module, n: int = 16) -> str:
     "Short sha256 of a model's state dict (names, shapes and values): identifies weights not saved to a file."
     h = hashlib.sha256()
-    for k, v in model.state_dict().items(): h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    for k, v in model.state_dict().items():
+        h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:n]
 
 def read_caption_attributes(captions, ixtoword: dict) -> list[dict]:
@@ -218,23 +226,28 @@ class SBFeatures:
 def semantic_accuracy(mention, correct) -> dict:
     "Overall and per-attribute share of caption-named attributes read correctly (mention/correct: N×len(CAPTIONED))."
     m, c = np.asarray(mention, bool), np.asarray(correct, bool)
-    per = {f"acc_{a}": (float(c[:, j].sum() / m[:, j].sum()) if m[:, j].any() else None) for j, a in enumerate(CAPTIONED)}
+    per = {f"acc_{a}": (float(c[:, j].sum() / m[:, j].sum()) if m[:, j].any() else None)
+           for j, a in enumerate(CAPTIONED)}
     counts = {f"n_{a}": int(m[:, j].sum()) for j, a in enumerate(CAPTIONED)}
     return dict(value=float(c.sum() / max(m.sum(), 1)), n_mentions=int(m.sum()), **per, **counts)
 
 def consistency(feats, feats2, seed: int = 0) -> dict:
     "Cosine of features of fakes from two captions of one image (pos) vs random pairs of different images (neg)."
-    a, b = F.normalize(torch.as_tensor(feats, dtype=torch.float64), dim=1), F.normalize(torch.as_tensor(feats2, dtype=torch.float64), dim=1)
+    a, b = (F.normalize(torch.as_tensor(feats, dtype=torch.float64), dim=1),
+            F.normalize(torch.as_tensor(feats2, dtype=torch.float64), dim=1))
     n = len(a)
     if n < 2: raise ValueError("consistency needs at least 2 images")
     perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-    partner = perm[(torch.argsort(perm) + 1) % n]                       # a random derangement: no image paired with itself
+    # a random derangement: no image paired with itself
+    partner = perm[(torch.argsort(perm) + 1) % n]
     pos, neg = (a * b).sum(1).mean().item(), (a * b[partner]).sum(1).mean().item()
     return dict(value=pos - neg, pos=pos, neg=neg, ratio=pos / neg if neg else None)
 
 # %% ../nbs/07a_evaluator.ipynb
 def _fid_sb(outs, ex, ctx, split):
-    if "sb" not in ctx.get("refs", {}): raise ValueError("FID_SB needs refs['sb'] = compute_reference_stats(real batches, SBFeatures(...), 'synthbirds', split, cache_dir)")
+    if "sb" not in ctx.get("refs", {}):
+        raise ValueError("FID_SB needs refs['sb'] = compute_reference_stats(real batches, SBFeatures(...), "
+                         "'synthbirds', split, cache_dir)")
     return fid_result(outs["feats"], ctx["refs"]["sb"], ex.info(), split, f"fid_sb_{split}")
 
 def _is_sb(outs, ex, ctx, splits):
@@ -242,11 +255,13 @@ def _is_sb(outs, ex, ctx, splits):
     return dict(value=m, std=s)
 
 def _semantic(outs, ex, ctx):
-    if "mention" not in outs: raise ValueError("semantic_acc_sb needs batches with 'caption' and SBFeatures(model, ixtoword=ds.ixtoword)")
+    if "mention" not in outs:
+        raise ValueError("semantic_acc_sb needs batches with 'caption' and SBFeatures(model, ixtoword=ds.ixtoword)")
     return semantic_accuracy(outs["mention"], outs["correct"])
 
 def _consistency(outs, ex, ctx):
-    if "emb2" not in outs: raise ValueError("consistency_sb needs batches with 'img2' (a fake from a second caption of the same image)")
+    if "emb2" not in outs:
+        raise ValueError("consistency_sb needs batches with 'img2' (a fake from a second caption of the same image)")
     return consistency(outs["emb"], outs["emb2"], ctx.get("seed", 0))
 
 for _n in (500, 1_000, 2_000, 5_000, 10_000, 30_000):

@@ -23,17 +23,24 @@ def safe_torch_load(path, map_location="cpu"):
     if not path.is_file(): raise FileNotFoundError(f"no file {path}")
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e).split("\n")[0] if "Unsupported global" not in str(e) else _refused_global(str(e))
-        raise UntrustedFileError(f"{path} holds objects other than tensors and plain containers ({msg}); refusing to "
-                                 f"load it, since unpickling them could run code. Only load it with "
-                                 f"weights_only=False if you trust whoever made it.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        refused = _refused_global(str(e))
+        if refused:
+            raise UntrustedFileError(f"{path} holds objects other than tensors and plain containers ({refused}); "
+                                     f"refusing to load it, since unpickling them could run code. Only load it with "
+                                     f"weights_only=False if you trust whoever made it.") from None
+        raise UntrustedFileError(f"{path} is truncated or not a PyTorch file ({_last_line(str(e))})") from None
+    except Exception as e:                           # a truncated zip, random bytes, an HTML page saved as .pt ...
         raise UntrustedFileError(f"{path} is truncated or not a PyTorch file ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                                 f"{_last_line(str(e))})") from None
 
-def _refused_global(msg: str) -> str:
-    i = msg.find("Unsupported global")
-    return msg[i:].split("\n")[0].rstrip(" .")
+def _refused_global(msg: str) -> str | None:
+    "The line of a weights-only refusal that names the global a pickle asked for (None: some other failure)."
+    return next((l.strip().rstrip(".") for l in msg.splitlines() if "GLOBAL" in l), None)
+
+def _last_line(msg: str) -> str:
+    "The informative line of a torch error (its closing lines point at the documentation)."
+    lines = [l.strip() for l in msg.splitlines() if l.strip() and "documentation" not in l]
+    return (lines[-1] if lines else "")[:120]
 
 # %% ../nbs/00a_files.ipynb
 SAFE_PICKLE_GLOBALS = {
@@ -60,9 +67,9 @@ def safe_pickle_load(path, encoding: str = "latin1"):
     try: return _RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
     except pickle.UnpicklingError as e:
         if "is not allowed" in str(e):
-            raise UntrustedFileError(f"{path} refers to {str(e).replace(' is not allowed', '')}, which a dataset pickle "
-                                     f"never needs (only lists, dicts, strings and numbers); refusing to load it, "
-                                     f"since unpickling it could run code") from None
+            raise UntrustedFileError(f"{path} refers to {str(e).replace(' is not allowed', '')}, which a dataset "
+                                     f"pickle never needs (only lists, dicts, strings and numbers); refusing to load "
+                                     f"it, since unpickling it could run code") from None
         raise UntrustedFileError(f"{path} is truncated or corrupt ({e})") from None
     except (EOFError, ValueError, IndexError, TypeError, UnicodeDecodeError) as e:
         raise UntrustedFileError(f"{path} is truncated or corrupt ({type(e).__name__}: {e})") from None

@@ -22,8 +22,11 @@ __all__ = ['LOSS_PRESETS', 'WEIGHTS', 'nt_xent', 'ProjectionHead', 'image_codes'
 
 # %% ../nbs/06_losses.ipynb
 def _check_pairs(z1, z2, tau):
-    if z1.ndim != 2 or z1.shape != z2.shape: raise ValueError(f"nt_xent needs two N x D tensors of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0): raise ValueError(f"temperature tau must be a finite number > 0, got {tau!r}")
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(f"nt_xent needs two N x D tensors of the same shape, "
+                         f"got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"temperature tau must be a finite number > 0, got {tau!r}")
 
 def nt_xent(z1, z2,               # N x D embeddings; row i of z1 and row i of z2 are a positive pair
             tau: float = 0.5,     # temperature (T2I_CL's value; the paper gives none)
@@ -81,8 +84,10 @@ class LossConfig:
     def __post_init__(self):
         for f in fields(self):
             v, low = getattr(self, f.name), 0.0 if f.name.startswith("lambda") else None
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v >= 0 if low is not None else v > 0)
-            if not ok: raise ValueError(f"LossConfig.{f.name} must be a finite number {'>= 0' if low is not None else '> 0'}, got {v!r}")
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  and (v >= 0 if low is not None else v > 0))
+            if not ok: raise ValueError(f"LossConfig.{f.name} must be a finite number "
+                                        f"{'>= 0' if low is not None else '> 0'}, got {v!r}")
 
     @property
     def two_captions(self) -> bool:
@@ -115,11 +120,13 @@ def generator_inputs(text_encoder: nn.Module, batch: dict, cfg: LossConfig, nois
     "Frozen text embeddings of the batch's captions (both caption sets, 2N rows, when F2F is on) and the noise."
     caps, lens, cls = batch["caption"], torch.as_tensor(batch["cap_len"]), torch.as_tensor(batch["class_id"])
     if cfg.two_captions:
-        caps, lens, cls = _cat_padded(caps, batch["caption2"]), torch.cat([lens, torch.as_tensor(batch["cap_len2"])]), cls.repeat(2)
+        caps, lens, cls = (_cat_padded(caps, batch["caption2"]),
+                           torch.cat([lens, torch.as_tensor(batch["cap_len2"])]), cls.repeat(2))
         noise = torch.cat([noise, noise])
     caps, lens = caps.to(device), lens.to(device)
     with torch.no_grad(): words, sent = (t.float() for t in text_encoder(caps, lens))   # fp32 under autocast too
-    return dict(noise=noise.to(device), words=words, sent=sent, captions=caps, cap_lens=lens, class_ids=cls.to(device), n=len(batch["caption"]))
+    return dict(noise=noise.to(device), words=words, sent=sent, captions=caps, cap_lens=lens, class_ids=cls.to(device),
+                n=len(batch["caption"]))
 
 def generate(G: nn.Module, inp: dict):
     "Fake images for every row of `inp` in one generator call (masks dropped)."
@@ -131,16 +138,19 @@ WEIGHTS = {"damsm": "lambda_damsm", "r2f": "lambda_r2f", "f2f": "lambda_f2f", "c
 def _check_needs(cfg: LossConfig, fakes, inp, img_encoder, real_imgs, captioner):
     "Clear errors for a term switched on without what it needs."
     if len(fakes) != len(inp["sent"]): raise ValueError(f"{len(fakes)} fakes for {len(inp['sent'])} sentence rows")
-    if cfg.two_captions and len(fakes) != 2 * inp["n"]: raise ValueError(f"lambda_f2f={cfg.lambda_f2f} needs 2N={2 * inp['n']} fakes (two caption sets), got {len(fakes)}: build inputs with generator_inputs(..., cfg)")
-    need = [("img_encoder", img_encoder, ("lambda_damsm", "lambda_r2f", "lambda_f2f")), ("real_imgs", real_imgs, ("lambda_r2f",)),
-            ("captioner", captioner, ("lambda_cap",))]
+    if cfg.two_captions and len(fakes) != 2 * inp["n"]:
+        raise ValueError(f"lambda_f2f={cfg.lambda_f2f} needs 2N={2 * inp['n']} fakes (two caption sets), "
+                         f"got {len(fakes)}: build inputs with generator_inputs(..., cfg)")
+    need = [("img_encoder", img_encoder, ("lambda_damsm", "lambda_r2f", "lambda_f2f")),
+            ("real_imgs", real_imgs, ("lambda_r2f",)), ("captioner", captioner, ("lambda_cap",))]
     for name, obj, lams in need:
         on = [f"{l}={getattr(cfg, l)}" for l in lams if getattr(cfg, l) > 0]
         if on and obj is None: raise ValueError(f"{', '.join(on)} needs `{name}`, which is None")
 
-def auxiliary_terms(fakes, inp: dict, cfg: LossConfig, img_encoder=None, real_imgs=None, captioner=None, projection=None,
-                    dist: DistInfo = DistInfo()) -> dict:
-    "The λ-weighted terms of Eq. 4 (DAMSM, R2F, F2F, CP) on `fakes`, only those with λ > 0, plus their weighted `total`."
+def auxiliary_terms(fakes, inp: dict, cfg: LossConfig, img_encoder=None, real_imgs=None, captioner=None,
+                    projection=None, dist: DistInfo = DistInfo()) -> dict:
+    ("The λ-weighted terms of Eq. 4 (DAMSM, R2F, F2F, CP) on `fakes`, only those with λ > 0, "
+     "plus their weighted `total`.")
     _check_needs(cfg, fakes, inp, img_encoder, real_imgs, captioner)
     t, sets = {}, 2 if cfg.two_captions else 1
     every = lambda x: gather_rows(x, dist, sets)               # the global batch's rows (one process: x itself)

@@ -61,7 +61,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def inception_score(probs, splits: int = 10) -> tuple[float, float]:
     "(mean, std) over `splits` slices of exp(E_x KL(p(y|x) || p(y))) from N×K class probabilities."
     p = np.asarray(probs, np.float64)
-    if p.ndim != 2 or len(p) < splits: raise ValueError(f"inception_score needs N×K probabilities with N >= splits={splits}, got {p.shape}")
+    if p.ndim != 2 or len(p) < splits:
+        raise ValueError(f"inception_score needs N×K probabilities with N >= splits={splits}, got {p.shape}")
     n, scores = len(p), []
     for i in range(splits):
         part = p[i * n // splits:(i + 1) * n // splits]
@@ -74,7 +75,8 @@ def rprec_hits(image_feats, candidate_feats) -> np.ndarray:
     "1.0 where candidate 0 (the true caption) has strictly the highest cosine with the image, else 0.0."
     img, cand = torch.as_tensor(image_feats).double(), torch.as_tensor(candidate_feats).double()
     if img.ndim != 2 or cand.ndim != 3 or cand.shape[0] != img.shape[0] or cand.shape[2] != img.shape[1]:
-        raise ValueError(f"expected image_feats N×D and candidate_feats N×K×D, got {tuple(img.shape)} and {tuple(cand.shape)}")
+        raise ValueError(f"expected image_feats N×D and candidate_feats N×K×D, "
+                         f"got {tuple(img.shape)} and {tuple(cand.shape)}")
     sims = torch.einsum("nd,nkd->nk", F.normalize(img, dim=-1), F.normalize(cand, dim=-1))
     return (sims[:, 0] > sims[:, 1:].max(1).values).double().cpu().numpy()
 
@@ -94,7 +96,8 @@ def sample_mismatched(class_ids, pool_class_ids, k: int = 99, rng: np.random.Gen
     "B×k indices into a caption pool, each of a class different from the row's class id."
     c, pool = np.asarray(class_ids).reshape(-1), np.asarray(pool_class_ids).reshape(-1)
     rng = rng if rng is not None else np.random.default_rng(0)
-    if np.isin(c, pool).any() and len(np.unique(pool)) < 2: raise ValueError("the caption pool has a single class; no mismatched captions")
+    if np.isin(c, pool).any() and len(np.unique(pool)) < 2:
+        raise ValueError("the caption pool has a single class; no mismatched captions")
     idx = rng.integers(0, len(pool), (len(c), k))
     bad = pool[idx] == c[:, None]
     while bad.any():
@@ -121,9 +124,10 @@ def find_inception_weights(weights=None) -> Path:
     for p in paths:
         if p.is_file(): return p
     raise FileNotFoundError(
-        f"Inception weights {INCEPTION_FILE} not found (looked at: {', '.join(map(str, paths))}). t2i-nb never downloads "
-        f"them: download {INCEPTION_URL} (the file clean-fid uses) and put it at {paths[0]} (clean-fid's cache), or pass "
-        f"weights=/path/to/{INCEPTION_FILE}. Without it, use the SynthBirds metrics (fid_sb_*, is_sb_*).")
+        f"Inception weights {INCEPTION_FILE} not found (looked at: {', '.join(map(str, paths))}). "
+        f"t2i-nb never downloads them: download {INCEPTION_URL} (the file clean-fid uses) and put it at "
+        f"{paths[0]} (clean-fid's cache), or pass weights=/path/to/{INCEPTION_FILE}. "
+        f"Without it, use the SynthBirds metrics (fid_sb_*, is_sb_*).")
 
 # %% ../nbs/07_metrics.ipynb
 class _FakeInception(nn.Module):
@@ -136,7 +140,8 @@ class _FakeInception(nn.Module):
     def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
                 no_output_bias: bool = False) -> torch.Tensor:
         x = img.to(torch.float32)
-        if x.shape[2] != 299 or x.shape[3] != 299: x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        if x.shape[2] != 299 or x.shape[3] != 299:
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         feats = self.layers((x - 128) / 128).reshape(-1, 2048)
         if return_features: return feats
         if no_output_bias: return F.linear(feats, self.output.weight).softmax(1)
@@ -245,7 +250,8 @@ def run_pass(batches, extractors: dict, n: int | None = None, device="cpu", desc
             seen += len(b["img"]); bar.update(len(b["img"]))
     per_batch = gather_batches(per_batch, dist)                   # every rank's batches back in stream order
     total = sum(_n_rows(pb) for pb in per_batch)
-    if n is not None and total < n: raise ValueError(f"the batches ran out after {total} images; the protocol needs {n}")
+    if n is not None and total < n:
+        raise ValueError(f"the batches ran out after {total} images; the protocol needs {n}")
     return {k: {name: np.concatenate([pb[k][name] for pb in per_batch])[:n] for name in per_batch[0][k]}
             if per_batch else {} for k in extractors}
 
@@ -305,16 +311,19 @@ def get_metric(name: str) -> MetricSpec:
             if m := rx.fullmatch(name): make(name, **m.groupdict()); break
     try: return METRICS[name]
     except UnknownNameError as e:
-        raise UnknownNameError(f"{e}; or a name matching one of: {', '.join(rx.pattern for rx, _ in METRIC_FAMILIES)}") from None
+        raise UnknownNameError(f"{e}; or a name matching one of: "
+                               f"{', '.join(rx.pattern for rx, _ in METRIC_FAMILIES)}") from None
 
 # %% ../nbs/07_metrics.ipynb
 def check_reference(ref: dict, ex_info: dict, split: str, metric: str):
     "Raise if reference statistics were made under another protocol than the fakes' extractor or `split`."
     for k in ("weights_hash", "resize", "extractor"):
         if ref.get(k) != ex_info.get(k):
-            raise ValueError(f"{metric}: reference statistics {ref.get('path', '')} have {k}={ref.get(k)!r} but the fakes' "
-                             f"extractor has {k}={ex_info.get(k)!r}; recompute them with compute_reference_stats")
-    if ref.get("split") != split: raise ValueError(f"{metric} needs reference statistics of split {split!r}, got {ref.get('split')!r}")
+            raise ValueError(f"{metric}: reference statistics {ref.get('path', '')} have {k}={ref.get(k)!r} "
+                             f"but the fakes' extractor has {k}={ex_info.get(k)!r}; "
+                             f"recompute them with compute_reference_stats")
+    if ref.get("split") != split:
+        raise ValueError(f"{metric} needs reference statistics of split {split!r}, got {ref.get('split')!r}")
 
 def fid_result(feats, ref: dict, ex_info: dict, split: str, metric: str) -> dict:
     "FID fields of a result: value, n_real, reference set (checked to share the fakes' protocol)."
@@ -327,12 +336,15 @@ def _register_inception_metrics(ns=(1_000, 5_000, 10_000, 30_000), modes=RESIZE_
     for n in ns:
         for mode in modes:
             for split in splits:
-                register_metric(f"fid_{mode}_{n_tag(n)}_{split}", "inception", n, resize=mode, split=split)(_fid_inception)
+                register_metric(f"fid_{mode}_{n_tag(n)}_{split}", "inception", n,
+                                resize=mode, split=split)(_fid_inception)
         register_metric(f"is_inception_{n_tag(n)}", "inception", n, splits=10)(_is_inception)
 
 def _fid_inception(outs, ex, ctx, resize, split):
-    if ex.info()["resize"] != resize: raise ValueError(f"this metric needs resize mode {resize!r}; the extractor uses {ex.info()['resize']!r}")
-    if "inception" not in ctx.get("refs", {}): raise ValueError("FID needs refs['inception'] = compute_reference_stats(...) of the real images")
+    if ex.info()["resize"] != resize:
+        raise ValueError(f"this metric needs resize mode {resize!r}; the extractor uses {ex.info()['resize']!r}")
+    if "inception" not in ctx.get("refs", {}):
+        raise ValueError("FID needs refs['inception'] = compute_reference_stats(...) of the real images")
     return fid_result(outs["feats"], ctx["refs"]["inception"], ex.info(), split, f"fid_{resize}")
 
 def _is_inception(outs, ex, ctx, splits):
@@ -342,14 +354,18 @@ def _is_inception(outs, ex, ctx, splits):
 _register_inception_metrics()
 _MODES = "|".join(RESIZE_MODES)
 register_family(rf"fid_(?P<mode>{_MODES})_(?P<n>\d+k?)_(?P<split>test|train)",
-                lambda name, mode, n, split: register_metric(name, "inception", parse_n(n), resize=mode, split=split)(_fid_inception))
-register_family(r"is_inception_(?P<n>\d+k?)", lambda name, n: register_metric(name, "inception", parse_n(n), splits=10)(_is_inception))
+                lambda name, mode, n, split:
+                    register_metric(name, "inception", parse_n(n), resize=mode, split=split)(_fid_inception))
+register_family(r"is_inception_(?P<n>\d+k?)",
+                lambda name, n: register_metric(name, "inception", parse_n(n), splits=10)(_is_inception))
 
 # %% ../nbs/07_metrics.ipynb
 class RPrecisionExtractor:
     "DM-GAN R-precision: each fake's image code vs its caption + 99 captions of other classes (pool encoded once)."
     name = "rprec"
-    def __init__(self, text_encoder, image_encoder,  # text_enc(caps, lens) -> (words, sent); image_enc(img) -> (feats, code)
+    def __init__(self,
+                 # text_enc(caps, lens) -> (words, sent); image_enc(img) -> (feats, code)
+                 text_encoder, image_encoder,
                  pool_captions, pool_cap_lens,       # M×L word ids and lengths of the candidate caption pool
                  pool_class_ids,                     # M class ids (a different class is required for a wrong candidate)
                  heldout: bool = True,               # True: encoders never used for training (rprec_*_heldout)
@@ -369,13 +385,16 @@ class RPrecisionExtractor:
         self.rng = np.random.default_rng(self.seed)
         with torch.no_grad():
             caps, lens = self.pool
-            self.pool_emb = torch.cat([self.text_encoder(caps[i:i + self.bs].to(self.device), lens[i:i + self.bs].to(self.device))[1]
+            self.pool_emb = torch.cat([self.text_encoder(caps[i:i + self.bs].to(self.device),
+                                                         lens[i:i + self.bs].to(self.device))[1]
                                        for i in range(0, len(caps), self.bs)])
 
     def __call__(self, batch: dict) -> dict:
         code = self.image_encoder(batch["img"])[1]
         sent = self.text_encoder(batch["caption"], batch["cap_len"])[1]
-        idx = sample_mismatched(torch.as_tensor(batch["class_id"]).cpu().numpy(), self.pool_cls, self.k - 1, self.rng)
+        rng = self.rng if "index" not in batch else \
+            np.random.default_rng([self.seed, int(torch.as_tensor(batch["index"])[0])])   # per batch: shards agree
+        idx = sample_mismatched(torch.as_tensor(batch["class_id"]).cpu().numpy(), self.pool_cls, self.k - 1, rng)
         cand = torch.cat([sent[:, None], self.pool_emb[torch.as_tensor(idx, device=self.pool_emb.device)]], 1)
         return dict(hits=torch.from_numpy(rprec_hits(code, cand)))
 
@@ -383,7 +402,8 @@ class RPrecisionExtractor:
         hashes = {f"{k}_encoder_hash": file_hash(p) for k, p in self.weights.items() if Path(p).is_file()}
         return dict(extractor=f"DAMSM encoders ({'held-out' if self.heldout else 'training'})", heldout=self.heldout,
                     resize="the image encoder's own",
-                    n_candidates=self.k, pool_size=len(self.pool_cls), **{f"{k}_encoder": p for k, p in self.weights.items()}, **hashes)
+                    n_candidates=self.k, pool_size=len(self.pool_cls),
+                    **{f"{k}_encoder": p for k, p in self.weights.items()}, **hashes)
 
 # %% ../nbs/07_metrics.ipynb
 def pool_from_dataset(ds, words_num: int = 18, seed: int = 0):
@@ -400,7 +420,8 @@ def _rprec(outs, ex, ctx, heldout, folds):
     m, s = fold_stats(outs["hits"], folds)
     return dict(value=m, std=s)
 
-for _h in (True, False): register_metric(f"rprec_100_{'heldout' if _h else 'train'}", "rprec", None, heldout=_h, folds=10)(_rprec)
+for _h in (True, False):
+    register_metric(f"rprec_100_{'heldout' if _h else 'train'}", "rprec", None, heldout=_h, folds=10)(_rprec)
 
 # %% ../nbs/07_metrics.ipynb
 def _jsonable(v):
@@ -415,12 +436,15 @@ def compute_metrics(names, batches, extractors: dict, refs: dict | None = None, 
     except ImportError: pass
     specs = [get_metric(k) for k in names]
     missing = {s.extractor for s in specs} - set(extractors)
-    if missing: raise ValueError(f"metrics {[s.name for s in specs if s.extractor in missing]} need extractors {sorted(missing)}; got {sorted(extractors)}")
+    if missing:
+        raise ValueError(f"metrics {[s.name for s in specs if s.extractor in missing]} need extractors "
+                         f"{sorted(missing)}; got {sorted(extractors)}")
     for s in specs:                    # protocol facts the extractor also states (resize, heldout) must agree
         info = extractors[s.extractor].info()
         bad = {k: (v, info[k]) for k, v in s.protocol.items() if k in info and info[k] != v}
-        if bad: raise ValueError(f"{s.name} needs {', '.join(f'{k}={v[0]!r}' for k, v in bad.items())}; the {s.extractor!r} "
-                                 f"extractor has {', '.join(f'{k}={v[1]!r}' for k, v in bad.items())}")
+        if bad: raise ValueError(f"{s.name} needs {', '.join(f'{k}={v[0]!r}' for k, v in bad.items())}; "
+                                 f"the {s.extractor!r} extractor has "
+                                 f"{', '.join(f'{k}={v[1]!r}' for k, v in bad.items())}")
     ns = [s.n for s in specs if s.n]
     n = max(ns) if ns else None
     outs = run_pass(batches, {k: extractors[k] for k in {s.extractor for s in specs}}, n=n, device=device, dist=dist)

@@ -28,7 +28,8 @@ SEEDS = (100, 101, 102)
 
 def study_configs(dataset: str = "synth_birds", losses=None, seeds=SEEDS, out_dir: str = "results/reproduce",
                   arch: str = "ssagan", **overrides) -> list[TrainConfig]:
-    "One validated config per (seed, loss preset), seed-major, written under `<out_dir>/<dataset>/<arch>-<loss>-s<seed>`."
+    ("One validated config per (seed, loss preset), seed-major, "
+     "written under `<out_dir>/<dataset>/<arch>-<loss>-s<seed>`.")
     losses = tuple(losses or STUDIES[dataset])
     cfgs = [make_config(dataset, arch=arch, loss=loss, seed=int(s), out_dir=f"{out_dir}/{dataset}",
                         run_name=f"{arch}-{loss}-s{s}", **overrides) for s in seeds for loss in losses]
@@ -66,14 +67,16 @@ def _outcomes(todo: list[TrainConfig], workers: int, threads: int | None):
             except Exception as e: yield c, e
         return
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
         jobs = {pool.submit(_run, c, False): c for c in todo}
         for job in as_completed(jobs):
             try: yield jobs[job], job.result()
             except Exception as e: yield jobs[job], e
 
 def run_study(cfgs: list[TrainConfig], workers: int = 1, threads: int | None = None) -> list[Path]:
-    "Train and evaluate the unfinished runs of `cfgs` in `workers` processes; raises `StudyError` listing failures at the end."
+    ("Train and evaluate the unfinished runs of `cfgs` in `workers` processes; "
+     "raises `StudyError` listing failures at the end.")
     todo = [c for c in cfgs if not is_done(c)]
     print(f"{len(cfgs) - len(todo)} of {len(cfgs)} runs already finished; {len(todo)} to go with {workers} worker(s)")
     if not todo: return [c.run_dir for c in cfgs]
@@ -81,7 +84,8 @@ def run_study(cfgs: list[TrainConfig], workers: int = 1, threads: int | None = N
     failed = {}
     with tqdm(total=len(todo), desc="study runs") as bar:
         for cfg, out in _outcomes(todo, workers, threads):
-            if isinstance(out, Exception): failed[cfg.name] = f"{type(out).__name__}: {out}"; bar.write(f"FAILED {cfg.name}: {out}")
+            if isinstance(out, Exception):
+                failed[cfg.name] = f"{type(out).__name__}: {out}"; bar.write(f"FAILED {cfg.name}: {out}")
             else: bar.write(f"finished {cfg.name} in {out / 60:.1f} min")
             bar.update()
     if failed: raise StudyError(f"{len(failed)} of {len(todo)} runs failed (the others are written): " +
@@ -98,8 +102,11 @@ def loss_grid(cfgs: list[TrainConfig], path, n: int = 8, noise_seed: int = 0, de
     rows, labels = [fixed["real"]], ["real"]
     for cfg in cfgs:
         found = load_latest_checkpoint(cfg.run_dir, map_location=device)
-        if found is None: raise FileNotFoundError(f"no checkpoint in {cfg.run_dir / 'checkpoints'}: run the study first")
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {cfg.run_dir / 'checkpoints'}: run the study first")
         m = build_models(cfg, device); m.G.load_state_dict(found[0]["G"])
         z = torch.randn(len(fixed["text"]), m.arch_cfg.nz, generator=torch.Generator().manual_seed(noise_seed))
-        rows.append(generate(m.G, assets.text_enc, fixed["caption"], fixed["cap_len"], z, device)); labels.append(cfg.loss)
-    return save_grid(rows, fixed["text"], path, labels, f"{cfgs[0].dataset}, seed {cfgs[0].seed}: same captions and noise per row")
+        rows.append(generate(m.G, assets.text_enc, fixed["caption"], fixed["cap_len"], z, device))
+        labels.append(cfg.loss)
+    return save_grid(rows, fixed["text"], path, labels,
+                     f"{cfgs[0].dataset}, seed {cfgs[0].seed}: same captions and noise per row")

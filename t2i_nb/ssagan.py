@@ -27,7 +27,8 @@ __all__ = ['PRESETS', 'cond_mlp', 'SSCBN', 'mask_predictor', 'SSABlock', 'g_chan
 # %% ../nbs/04_ssagan.ipynb
 def cond_mlp(cond_dim: int, n_out: int, hidden: int = 256) -> nn.Sequential:
     "`linear1 → ReLU → linear2` on the sentence vector, with `linear2` zero-initialised (official key names)."
-    mlp = nn.Sequential(OrderedDict(linear1=nn.Linear(cond_dim, hidden), relu1=nn.ReLU(), linear2=nn.Linear(hidden, n_out)))
+    mlp = nn.Sequential(OrderedDict(linear1=nn.Linear(cond_dim, hidden), relu1=nn.ReLU(),
+                                    linear2=nn.Linear(hidden, n_out)))
     nn.init.zeros_(mlp.linear2.weight); nn.init.zeros_(mlp.linear2.bias)
     return mlp
 
@@ -101,7 +102,8 @@ class SSAGenerator(nn.Module):
         self.fc = nn.Linear(nz, 8 * ngf * 4 * 4)
         self.conv_mask = mask_predictor(8 * ngf)
         for k, (i, o) in enumerate(mults):
-            setattr(self, f"block{k}", SSABlock(i * ngf, o * ngf, cond_dim, predict_mask=k < len(mults) - 1, gate_init=gate_init))
+            setattr(self, f"block{k}",
+                    SSABlock(i * ngf, o * ngf, cond_dim, predict_mask=k < len(mults) - 1, gate_init=gate_init))
         self.conv_img = nn.Sequential(nn.BatchNorm2d(ngf), nn.LeakyReLU(0.2), nn.Conv2d(ngf, 3, 3, 1, 1), nn.Tanh())
 
     @property
@@ -334,7 +336,8 @@ def generator_kwargs(sd: dict) -> dict:
 def discriminator_kwargs(sd: dict) -> dict:
     "`SSADiscriminator` arguments read from the shapes of a (cleaned) state dict."
     ndf = sd["conv_img.weight"].shape[0]
-    return dict(ndf=ndf, img_size=4 * 2 ** _n_blocks(sd), cond_dim=sd["COND_DNET.joint_conv.0.weight"].shape[1] - 16 * ndf)
+    return dict(ndf=ndf, img_size=4 * 2 ** _n_blocks(sd),
+                cond_dim=sd["COND_DNET.joint_conv.0.weight"].shape[1] - 16 * ndf)
 
 def _load(model, sd: dict, name: str, set_aside=()) -> dict:
     "Strict load of `sd` minus `set_aside` keys, with an error that names the keys and the source."
@@ -342,7 +345,8 @@ def _load(model, sd: dict, name: str, set_aside=()) -> dict:
     filled = _fill_bn_counters(sd, model)
     missing, unexpected = sorted(set(model.state_dict()) - set(sd)), sorted(set(sd) - set(model.state_dict()))
     if missing or unexpected:
-        raise KeyError(f"{name} does not fit {type(model).__name__}: missing {missing[:8]}{'…' if len(missing) > 8 else ''}, "
+        raise KeyError(f"{name} does not fit {type(model).__name__}: "
+                       f"missing {missing[:8]}{'…' if len(missing) > 8 else ''}, "
                        f"unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}")
     try: model.load_state_dict(sd, strict=True)
     except RuntimeError as e: raise ValueError(f"{name}: {e}") from None
@@ -354,7 +358,7 @@ def load_official_generator(src, device="cpu", **kwargs) -> tuple[SSAGenerator, 
     sd, name = _read_state_dict(src)
     G = SSAGenerator(**(generator_kwargs(sd) | kwargs))
     report = _load(G, sd, name) | dict(config=dict(ngf=G.ngf, nz=G.nz, img_size=G.img_size, cond_dim=G.cond_dim))
-    return G.to(device), report
+    return G.to(device).eval(), report          # eval mode, like the encoder loaders: sampling uses BN statistics
 
 def load_official_discriminator(src, device="cpu", **kwargs) -> tuple[SSADiscriminator, dict]:
     "`(D, report)` from an official `netD_*.pth`; the unused `conv_s` of equal-width blocks are set aside and listed."
@@ -364,7 +368,7 @@ def load_official_discriminator(src, device="cpu", **kwargs) -> tuple[SSADiscrim
             and k.split(".")[0] in D._modules and D._modules[k.split(".")[0]].conv_s is None]
     report = _load(D, sd, name, set_aside=dead)
     report["set_aside_params"] = sum(sd[k].numel() for k in dead)
-    return D.to(device), report | dict(config=dict(ndf=D.ndf, img_size=D.img_size, cond_dim=D.cond_dim))
+    return D.to(device).eval(), report | dict(config=dict(ndf=D.ndf, img_size=D.img_size, cond_dim=D.cond_dim))
 
 # %% ../nbs/04_ssagan.ipynb
 def plot_masks(images, masks, n: int = 4, figsize_per: float = 1.4):

@@ -90,28 +90,33 @@ def draw_bird(attrs: dict, rng: np.random.Generator, size: int = 80, supersample
     tilt = math.radians(rng.uniform(-12, 12))
     col = {p: _shade(COLOURS[attrs[p]], rng) for p in PARTS}
     by = cy + 0.17 * s                                                     # branch height
-    d.line([(0, by + rng.uniform(-0.03, 0.03) * W), (W, by + rng.uniform(-0.03, 0.03) * W)], fill=(95, 65, 35), width=int(0.035 * W))
+    d.line([(0, by + rng.uniform(-0.03, 0.03) * W), (W, by + rng.uniform(-0.03, 0.03) * W)],
+           fill=(95, 65, 35), width=int(0.035 * W))
     R = lambda pts: _rotate(pts, tilt, cx, cy)
     _poly(d, R([(cx - 0.16 * s, cy - 0.03 * s), (cx - 0.40 * s, cy + 0.02 * s + rng.uniform(-.03, .03) * s),
                 (cx - 0.38 * s, cy + 0.10 * s), (cx - 0.14 * s, cy + 0.05 * s)]), col["tail"], lw)
     for lx in (-0.04, 0.05):                                               # legs
-        d.line([tuple(R([(cx + lx * s, cy + 0.1 * s)])[0]), (cx + lx * s, by)], fill=(70, 60, 50), width=max(1, int(0.012 * W)))
+        d.line([tuple(R([(cx + lx * s, cy + 0.1 * s)])[0]), (cx + lx * s, by)],
+               fill=(70, 60, 50), width=max(1, int(0.012 * W)))
     _poly(d, _ellipse(cx, cy, 0.22 * s, 0.14 * s * rng.uniform(0.9, 1.1), tilt), col["belly"], lw)
     _poly(d, _ellipse(*R([(cx - 0.04 * s, cy - 0.035 * s)])[0], 0.16 * s, 0.08 * s, tilt + 0.15), col["wing"], lw)
     hx, hy = R([(cx + 0.2 * s, cy - 0.12 * s)])[0]; hr = 0.095 * s * rng.uniform(0.92, 1.08)
     L = (0.07 if attrs["beak"] == "short" else 0.17) * s
-    _poly(d, [(hx + 0.8 * hr, hy - 0.28 * hr), (hx + 0.8 * hr, hy + 0.28 * hr), (hx + 0.8 * hr + L, hy + 0.05 * hr)], (235, 150, 40), lw)
+    _poly(d, [(hx + 0.8 * hr, hy - 0.28 * hr), (hx + 0.8 * hr, hy + 0.28 * hr), (hx + 0.8 * hr + L, hy + 0.05 * hr)],
+          (235, 150, 40), lw)
     d.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=col["belly"], outline=_dark(col["belly"]), width=lw)
     d.pieslice([hx - hr, hy - hr, hx + hr, hy + hr], 165, 375, fill=col["crown"], outline=_dark(col["crown"]), width=lw)
     er = 0.2 * hr
     d.ellipse([hx + 0.35 * hr - er, hy - 0.05 * hr - er, hx + 0.35 * hr + er, hy - 0.05 * hr + er], fill=(15, 15, 15))
-    d.ellipse([hx + 0.4 * hr - er / 3, hy - 0.12 * hr - er / 3, hx + 0.4 * hr + er / 3, hy - 0.12 * hr + er / 3], fill=(250, 250, 250))
+    d.ellipse([hx + 0.4 * hr - er / 3, hy - 0.12 * hr - er / 3, hx + 0.4 * hr + er / 3, hy - 0.12 * hr + er / 3],
+              fill=(250, 250, 250))
     x0, x1 = cx - 0.42 * s, hx + 0.8 * hr + L
     box = [x0, min(hy - hr, cy - 0.16 * s), x1, by]
     if attrs["facing"] == "left": img, box = img.transpose(Image.FLIP_LEFT_RIGHT), [W - x1, box[1], W - x0, box[3]]
     img = img.resize((size, size), Image.LANCZOS)
     x, y = max(0.0, box[0] / supersample), max(0.0, box[1] / supersample)
-    return img, (round(x, 1), round(y, 1), round(min(size, box[2] / supersample) - x, 1), round(min(size, box[3] / supersample) - y, 1))
+    return img, (round(x, 1), round(y, 1), round(min(size, box[2] / supersample) - x, 1),
+                 round(min(size, box[3] / supersample) - y, 1))
 
 # %% ../nbs/01a_synthbirds.ipynb
 PART_NOUNS = {"crown": ("crown", "head", "cap"), "wing": ("wings", "wing feathers", "primaries"),
@@ -119,7 +124,8 @@ PART_NOUNS = {"crown": ("crown", "head", "cap"), "wing": ("wings", "wing feather
 BEAK_NOUNS = ("beak", "bill")
 BEAK_WORDS = {"short": ("short", "stubby", "blunt"), "long": ("long", "pointed", "thin")}
 SIZE_WORDS = {"small": ("small", "tiny", "little"), "large": ("large", "big", "bulky")}
-_OPENERS = ("this bird has", "a bird with", "this is a bird with", "the bird has", "a bird that has", "this particular bird has")
+_OPENERS = ("this bird has", "a bird with", "this is a bird with", "the bird has", "a bird that has",
+            "this particular bird has")
 
 def _plural(noun): return noun.endswith("s") and noun not in ("rectrices",) or noun in ("rectrices", "primaries")
 
@@ -168,7 +174,8 @@ def parse_caption(tokens) -> dict:
             elif ok(before): found[attr] = _WORD_VALUE[before]   # before may end the previous phrase)
             i += len(noun) - 1
             break
-        if t[i] in _SIZE_VALUE and (t[i + 1:i + 2] == ["bird"] or t[i - 2:i] == ["bird", "is"]): found["size"] = _SIZE_VALUE[t[i]]
+        if t[i] in _SIZE_VALUE and (t[i + 1:i + 2] == ["bird"] or t[i - 2:i] == ["bird", "is"]):
+            found["size"] = _SIZE_VALUE[t[i]]
         i += 1
     return found
 
@@ -195,15 +202,18 @@ def _write_image(root, i, seed, img_size):
 
 # %% ../nbs/01a_synthbirds.ipynb
 def _refuse_foreign(root: Path, info: Path):
-    "A folder that exists, is not empty and was not made by `build_synth_birds` holds someone's data: never write there."
+    ("A folder that exists, is not empty and was not made by `build_synth_birds` holds someone's data: "
+     "never write there.")
     if info.exists() or not root.exists(): return
-    if not root.is_dir(): raise FileExistsError(f"{root} is a file, not a folder: choose another data_dir for SynthBirds")
+    if not root.is_dir():
+        raise FileExistsError(f"{root} is a file, not a folder: choose another data_dir for SynthBirds")
     found = sorted(p.name for p in root.iterdir())
     if found:
         shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
-        raise FileExistsError(f"{root} already holds files that SynthBirds did not write ({shown}) and no synthbirds.json: "
-                              f"refusing to build SynthBirds there, which would overwrite them. For a CUB or COCO folder "
-                              f"set dataset='cub'/'coco'; for SynthBirds choose an empty or new data_dir.")
+        raise FileExistsError(f"{root} already holds files that SynthBirds did not write ({shown}) and no "
+                              f"synthbirds.json: refusing to build SynthBirds there, which would overwrite them. "
+                              f"For a CUB or COCO folder set dataset='cub'/'coco'; for SynthBirds choose an empty or "
+                              f"new data_dir.")
 
 def build_synth_birds(root, n_train: int = 2000, n_test: int = 500, img_size: int = 64, seed: int = 0,
                       overwrite: bool = False, progress: bool = True) -> Path:

@@ -23,7 +23,8 @@ RUN_KEYS = ("dataset", "arch", "loss", "seed")
 
 def _read_json(path: Path):
     try: return json.loads(path.read_text())
-    except FileNotFoundError: raise FileNotFoundError(f"{path} is missing: every run directory with a metrics.json needs its config.json") from None
+    except FileNotFoundError: raise FileNotFoundError(f"{path} is missing: every run directory with a metrics.json "
+                                                      f"needs its config.json") from None
     except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 def collect_runs(root="results") -> pd.DataFrame:
@@ -40,7 +41,8 @@ def collect_runs(root="results") -> pd.DataFrame:
 def write_fake_run(run_dir, metrics: dict, dataset="synth_birds", arch="ssagan", loss="none", seed=100) -> Path:
     "A run directory holding only `config.json` and `metrics.json` (for tests and examples)."
     run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dict(config=dict(dataset=dataset, arch=arch, loss=loss, seed=seed))))
+    (run_dir / "config.json").write_text(
+        json.dumps(dict(config=dict(dataset=dataset, arch=arch, loss=loss, seed=seed))))
     (run_dir / "metrics.json").write_text(json.dumps([dict(metric=k, value=v) for k, v in metrics.items()]))
     return run_dir
 
@@ -124,7 +126,8 @@ PAPER_TABLES = Registry("paper table", {
         PaperRow("Style1AttnGAN", "4.20", "36.82", "61.25"),
         PaperRow("Style1AttnGAN + CL (F2F)", "3.09", "41.32", "62.30"),
         PaperRow("Style2AttnGAN + CL (R2F)", "3.59", "38.51", "64.53"),
-        PaperRow("SSAGAN", "4.89", "9.76", "75.67", "ssagan", "none", "SSA-GAN's paper: IS 5.17, FID 15.61; FID protocol unstated"),
+        PaperRow("SSAGAN", "4.89", "9.76", "75.67", "ssagan", "none",
+                 "SSA-GAN's paper: IS 5.17, FID 15.61; FID protocol unstated"),
         PaperRow("SSAGAN + CL (F2F)", "4.95", "9.62", "70.49", "ssagan", "f2f"),
         PaperRow("SSAGAN + CL (R2F+F2F)", "5.18", "9.12", "72.85", "ssagan", "f2f_r2f"),
         PaperRow("SSAGAN + CL (R2F+F2F+R)", "5.03", "9.16", "72.28", "ssagan", "f2f_r2f_cap"),
@@ -132,7 +135,8 @@ PAPER_TABLES = Registry("paper table", {
     "table2_coco": ("coco", "Table 2 (COCO)", (
         PaperRow("AttnGAN", "6.08", "30.67", "83.8", note="IS about 4x below every standard COCO IS (25-35)"),
         PaperRow("AttnGAN + CL", "6.29", "26.89", "84.24", note="IS about 4x below every standard COCO IS"),
-        PaperRow("SSAGAN", "7.18", "19.37", "82.45", "ssagan", "none", "FID equals SSA-GAN's paper (copied); IS, R re-measured"),
+        PaperRow("SSAGAN", "7.18", "19.37", "82.45", "ssagan", "none",
+                 "FID equals SSA-GAN's paper (copied); IS, R re-measured"),
         PaperRow("SSAGAN + CL (R2F)", "7.6", "12.08", "85.20", "ssagan", "r2f"),
         PaperRow("SSAGAN + CL (R2F + F2F)", "7.62", "10.89", "88.21", "ssagan", "f2f_r2f"),
     )),
@@ -160,9 +164,11 @@ def paper_table(runs: pd.DataFrame, name: str) -> str:
     header = ["method", "paper IS ↑", "paper FID ↓", "paper R-prec % ↑"]
     header += [f"measured {c.title} `{m}`" for c, m in measured] or ["measured"]
     body = [[r.method, r.IS, r.FID, r.R] +
-            ([_measured(stats, r, m, c) for c, m in measured] or ["not implemented" if r.arch is None else "no runs yet"]) + [r.note]
+            ([_measured(stats, r, m, c) for c, m in measured]
+             or ["not implemented" if r.arch is None else "no runs yet"]) + [r.note]
             for r in rows]
-    return (f"{title}: paper numbers as printed; measured = our runs, mean ± std over seeds (n runs)\n\n" + _md(header + ["note"], body) +
+    return (f"{title}: paper numbers as printed; measured = our runs, mean ± std over seeds (n runs)\n\n" +
+            _md(header + ["note"], body) +
             f"\nMeasured rows come from `papermill nbs/reproduce.ipynb OUT.ipynb -p dataset {dataset} -p device cuda` "
             f"(dataset and DAMSM encoders in place, see README); AttnGAN and Style-AttnGAN are not implemented here.\n")
 
@@ -178,7 +184,8 @@ def study_plot(runs: pd.DataFrame, study: str, path, columns=SB_COLUMNS) -> Path
     for ax, (col, name) in zip(axs[0], panels):
         d = sub[sub.metric == name].assign(value=lambda x: x.value * col.scale)
         sns.barplot(data=d, x="loss", y="value", order=order, errorbar="sd", ax=ax, color="#9ecae1", capsize=0.2)
-        sns.stripplot(data=d, x="loss", y="value", order=order, ax=ax, color="k", size=3.5, jitter=False)  # no random jitter: the PNG is reproducible
+        # no random jitter: the PNG is reproducible
+        sns.stripplot(data=d, x="loss", y="value", order=order, ax=ax, color="k", size=3.5, jitter=False)
         ax.set_title(f"{col.title}\n{name}", fontsize=9); ax.set_xlabel(""); ax.set_ylabel("")
         ax.tick_params(axis="x", rotation=40, labelsize=8)
     fig.suptitle(f"{study}: mean ± std over seeds (dots: seeds)", fontsize=10)
@@ -194,8 +201,8 @@ def write_tables(root="results", out_dir=None, synth_study: str = SYNTH_STUDY) -
     runs, out = collect_runs(root), Path(out_dir or root)
     texts = {f"{name}.md": paper_table(runs, name) for name in PAPER_TABLES}
     if (runs.study == synth_study).any():
-        texts["table_synthbirds.md"] = (f"SynthBirds study `{synth_study}`: SSA-GAN per loss preset, mean ± std over seeds; "
-                                        f"best mean in bold\n\n" + study_table(runs, synth_study))
+        texts["table_synthbirds.md"] = (f"SynthBirds study `{synth_study}`: SSA-GAN per loss preset, mean ± std over "
+                                        f"seeds; best mean in bold\n\n" + study_table(runs, synth_study))
     paths = {}
     for name, text in texts.items():
         with atomic_write(out / name) as tmp: Path(tmp).write_text(text)

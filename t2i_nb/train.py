@@ -19,8 +19,7 @@ from .core import (NonFiniteLossError, Registry, atomic_torch_save, atomic_write
 from .data import (DataLayoutError, TextImageDataset, dataset_fingerprint, epoch_loader, make_synth_birds,
                          mismatch_index, preflight)
 from .files import RunLock, UntrustedFileError, safe_torch_load
-from .accel import (EMA, PRECISIONS, DistInfo, Precision, barrier, broadcast_object, init_distributed,
-                          mean_across)
+from .accel import EMA, PRECISIONS, DistInfo, Precision, barrier, init_distributed, mean_across
 
 # %% auto 0
 __all__ = ['TRAIN_PRESETS', 'DATASET_PRESET', 'DATASETS', 'ARCHS', 'RESUME_FREE', 'TrainConfig', 'make_config', 'validate',
@@ -38,8 +37,10 @@ class TrainConfig:
     dataset: str = "synth_birds"       # synth_birds | cub | coco
     data_dir: str = "data/synth_birds" # dataset root (AttnGAN layout); SynthBirds is built there if missing
     image_dir: str | None = None       # COCO image folder (default <data_dir>/images)
-    damsm_dir: str | None = None       # folder with text_encoder*.pth + image_encoder*.pth (CUB/COCO); SynthBirds: pretrained
-    eval_damsm_dir: str | None = None  # held-out encoders for R-precision (CUB/COCO); SynthBirds: pretrained with another seed
+    # folder with text_encoder*.pth + image_encoder*.pth (CUB/COCO); SynthBirds: pretrained
+    damsm_dir: str | None = None
+    # held-out encoders for R-precision (CUB/COCO); SynthBirds: pretrained with another seed
+    eval_damsm_dir: str | None = None
     arch: str = "ssagan"               # architecture name (ARCHS)
     loss: str = "f2f_r2f"              # loss preset (t2i_nb.losses.LOSS_PRESETS)
     lambdas: dict = field(default_factory=dict)  # overrides of the preset's weights, e.g. {"lambda_f2f": 0.5}
@@ -62,7 +63,8 @@ class TrainConfig:
     keep_ckpts: int = 2                # checkpoints kept on disk
     n_train: int = 2000                # SynthBirds build size (ignored for CUB/COCO)
     n_test: int = 500
-    inception_weights: str | None = None  # clean-fid's inception-2015-12-05.pt (file or folder; None: clean-fid's cache)
+    # clean-fid's inception-2015-12-05.pt (file or folder; None: clean-fid's cache)
+    inception_weights: str | None = None
     pretrain_epochs: int | None = None # override the epochs of every pretrained asset (1 for smoke tests)
     num_workers: int = 0               # DataLoader workers
     fold_magp: bool = False            # MA-GP inside the hinge D step (DF-GAN 2022) instead of a separate step
@@ -124,7 +126,8 @@ def _typed(name: str, kind: str, v):
     if kind == "int":
         if isinstance(v, str) and re.fullmatch(r"\s*[+-]?\d+\s*", v): v = int(v)
         if isinstance(v, float) and v.is_integer(): v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int): raise TypeError(f"parameter {name} must be an integer, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"parameter {name} must be an integer, got {v!r}")
         return v
     if kind == "float":
         try: f = float(v) if not isinstance(v, bool) else None
@@ -150,7 +153,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from t2i_nb.losses import loss_config
     cfg = replace(cfg, **{f.name: _typed(f.name, str(f.type), getattr(cfg, f.name)) for f in fields(TrainConfig)})
     DATASETS[cfg.dataset]; ARCHS[cfg.arch]; loss_config(cfg.loss, **cfg.lambdas); PRECISIONS[cfg.precision]
-    if not (cfg.ema_decay == 0 or 0 < cfg.ema_decay < 1): raise ValueError(f"ema_decay must be 0 (off) or in (0, 1), got {cfg.ema_decay}")
+    if not (cfg.ema_decay == 0 or 0 < cfg.ema_decay < 1):
+        raise ValueError(f"ema_decay must be 0 (off) or in (0, 1), got {cfg.ema_decay}")
+    if cfg.precision == "fp16" and cfg.fold_magp:
+        raise ValueError("fold_magp=True takes MA-GP's input gradients through the fp16 graph, where they underflow "
+                         "unscaled: use precision='bf16', or the separate MA-GP step (fold_magp=False, all fp32)")
     if cfg.img_size not in (64, 128, 256): raise ValueError(f"img_size must be 64, 128 or 256, got {cfg.img_size}")
     for k, lo in _AT_LEAST.items():
         v = getattr(cfg, k)
@@ -161,15 +168,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the {cfg.n_train} training images (n_train): "
                          f"an epoch would have no step")
     if not _RUN_NAME.fullmatch(cfg.name):
-        raise ValueError(f"run_name {cfg.name!r} must be one folder name (letters, digits, '.', '_', '-', '+', '=', ',', "
-                         f"'@'; no '/', no leading '.'): a run only writes inside <out_dir>/<run_name>")
+        raise ValueError(f"run_name {cfg.name!r} must be one folder name (letters, digits, '.', '_', '-', '+', '=', "
+                         f"',', '@'; no '/', no leading '.'): a run only writes inside <out_dir>/<run_name>")
     if cfg.dataset != "synth_birds" and not Path(cfg.data_dir).is_dir():
         raise DataLayoutError(f"data_dir {cfg.data_dir!r} does not exist: a {cfg.dataset} run needs the dataset in the "
-                              f"AttnGAN layout there (captions.pickle, train/ test/ filenames.pickle, images); see 01_data")
+                              f"AttnGAN layout there (captions.pickle, train/ test/ filenames.pickle, images); "
+                              f"see 01_data")
     if cfg.tensorboard:
         try: import tensorboard  # noqa: F401
-        except ImportError: raise ImportError("tensorboard=True needs the tensorboard package (pip install tensorboard, or "
-                                              "the [tensorboard] extra); losses.csv is written either way") from None
+        except ImportError:
+            raise ImportError("tensorboard=True needs the tensorboard package (pip install tensorboard, or "
+                              "the [tensorboard] extra); losses.csv is written either way") from None
     get_device(cfg.device)
     return cfg
 
@@ -213,10 +222,10 @@ def build_models(cfg: TrainConfig, device, dist: DistInfo = DistInfo()) -> Model
     "Fresh models and optimizers of `cfg.arch` on `device`: EMA, SyncBatchNorm, DDP and compile as `cfg` asks."
     m = ARCHS[cfg.arch](cfg, device)
     if cfg.sync_bn and dist.on: m.G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m.G)   # same Parameter objects
-    if cfg.ema_decay: m.ema = EMA(m.G, cfg.ema_decay)
-    if dist.on:
+    if dist.on:                                       # DDP broadcasts rank 0's initial weights to every rank
         ids = [device.index] if device.type == "cuda" else None
         m.G, m.D = DDP(m.G, device_ids=ids), DDP(m.D, device_ids=ids)
+    if cfg.ema_decay: m.ema = EMA(unwrap(m.G), cfg.ema_decay)
     if cfg.compile: m.G = torch.compile(m.G)
     return m
 
@@ -247,7 +256,7 @@ def save_checkpoint(run_dir, state: dict, keep: int = 2) -> Path:
     "Write `state` (see `_CKPT_KEYS`) as `checkpoints/ckpt_<epoch>.pt` atomically if every tensor is finite; prune."
     missing = [k for k in _CKPT_KEYS if k not in state]
     if missing: raise KeyError(f"checkpoint state lacks {missing}")
-    bad = nonfinite_tensors({k: state[k] for k in ("G", "D", "optG", "optD")})
+    bad = nonfinite_tensors({k: state[k] for k in ("G", "D", "optG", "optD", "G_ema") if state.get(k) is not None})
     if bad: raise NonFiniteLossError(f"non-finite values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} at "
                                      f"epoch {state['epoch']} step {state['step']}; checkpoint not written")
     d = Path(run_dir) / "checkpoints"
@@ -278,10 +287,14 @@ class LossLog:
     def add(self, step: int, epoch: int, terms: dict): self.rows.append(dict(step=step, epoch=epoch, **terms))
 
     def flush(self):
-        "Append the buffered rows (header only when the file is new)."
+        "Append the buffered rows (header only when the file is new; rewritten with all columns if the terms changed)."
         if not self.rows: return
-        pd.DataFrame(self.rows).to_csv(self.path, mode="a", header=not self.path.exists(), index=False)
-        self.rows = []
+        new, self.rows = pd.DataFrame(self.rows), []
+        if self.path.exists() and pd.read_csv(self.path, nrows=0).columns.tolist() != new.columns.tolist():
+            # allow_config_change changed the loss
+            df = pd.concat([pd.read_csv(self.path), new], ignore_index=True)
+            with atomic_write(self.path) as tmp: df.to_csv(tmp, index=False)
+        else: new.to_csv(self.path, mode="a", header=not self.path.exists(), index=False)
 
     def resume_at(self, step: int):
         "Drop rows after `step` (and any half-written last line) before a resumed run appends."
@@ -317,7 +330,8 @@ def save_grid(rows: list[torch.Tensor], texts: list[str], path, row_labels=None,
     fig, axs = plt.subplots(n_r, n_c, figsize=(1.6 * n_c, 1.6 * n_r + 0.9), squeeze=False)
     for r, imgs in enumerate(rows):
         for c in range(n_c):
-            ax = axs[r, c]; ax.imshow(((imgs[c].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest"); ax.set_xticks([]); ax.set_yticks([])
+            ax = axs[r, c]; ax.imshow(((imgs[c].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([]); ax.set_yticks([])
             if r == 0: ax.set_title(textwrap.fill(texts[c], 22), fontsize=6)
             if c == 0 and row_labels: ax.set_ylabel(row_labels[r], fontsize=7)
     if title: fig.suptitle(title, fontsize=9)
@@ -406,8 +420,10 @@ class RunState:
         "Continue from `ck`; the optimizers keep their moments but take this config's hyper-parameters (lr, betas)."
         m = self.models
         fresh = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in (m.optG, m.optD)]
-        for obj, k in ((unwrap(m.G), "G"), (unwrap(m.D), "D"), (m.optG, "optG"), (m.optD, "optD")): obj.load_state_dict(ck[k])
-        if m.ema is not None: m.ema.load_state_dict(ck["G_ema"] if ck.get("G_ema") is not None else unwrap(m.G).state_dict())
+        for obj, k in ((unwrap(m.G), "G"), (unwrap(m.D), "D"), (m.optG, "optG"), (m.optD, "optD")):
+            obj.load_state_dict(ck[k])
+        if m.ema is not None:
+            m.ema.load_state_dict(ck["G_ema"] if ck.get("G_ema") is not None else unwrap(m.G).state_dict())
         self.prec.load_state_dict(ck.get("scaler") or {})
         for o, groups in zip((m.optG, m.optD), fresh):
             for g, h in zip(o.param_groups, groups): g.update(h)
@@ -429,7 +445,8 @@ class Checkpointer(Callback):
     def after_epoch(self, run):
         if not run.dist.main: return                     # rank 0 alone writes
         run.log.flush()
-        if _every(run.cfg.ckpt_every, run.epoch, run.cfg.epochs): save_checkpoint(run.run_dir, run.checkpoint(), run.cfg.keep_ckpts)
+        if _every(run.cfg.ckpt_every, run.epoch, run.cfg.epochs):
+            save_checkpoint(run.run_dir, run.checkpoint(), run.cfg.keep_ckpts)
 
 class Sampler(Callback):
     "Sample grid of the fixed test captions every `cfg.sample_every` epochs (`samples/epoch_<e>.png`)."
@@ -439,17 +456,21 @@ class Sampler(Callback):
         if self.fixed is None:
             self.fixed = fixed_captions(run.assets.test, self.n)
             g = torch.Generator().manual_seed(run.cfg.seed)
-            self.noise = [torch.randn(len(self.fixed["text"]), run.models.arch_cfg.nz, generator=g) for _ in range(self.n_noise)]
-        rows = [self.fixed["real"]] + [generate(run.models.G_eval, run.enc.text, self.fixed["caption"], self.fixed["cap_len"], z, run.device)
+            self.noise = [torch.randn(len(self.fixed["text"]), run.models.arch_cfg.nz, generator=g)
+                          for _ in range(self.n_noise)]
+        rows = [self.fixed["real"]] + [generate(run.models.G_eval, run.enc.text, self.fixed["caption"],
+                                                self.fixed["cap_len"], z, run.device)
                                       for z in self.noise]
         path = save_grid(rows, self.fixed["text"], run.run_dir / "samples" / f"epoch_{run.epoch:04d}.png",
-                         ["real"] + [f"noise {i}" for i in range(self.n_noise)], f"{run.cfg.name} — epoch {run.epoch}")
+                         ["real"] + [f"noise {i}" for i in range(self.n_noise)],
+                         f"{run.cfg.name} — epoch {run.epoch}")
         shutil.copyfile(path, run.run_dir / "samples.png")
 
 class LossPlot(Callback):
     "Loss curves (`loss_curves.png`) at the end of training."
     def after_fit(self, run):
-        if run.dist.main and (run.run_dir / "losses.csv").exists(): plot_losses(run.run_dir / "losses.csv", run.run_dir / "loss_curves.png")
+        if run.dist.main and (run.run_dir / "losses.csv").exists():
+            plot_losses(run.run_dir / "losses.csv", run.run_dir / "loss_curves.png")
 
 class TensorBoard(Callback):
     "Loss terms every step, the sample grid and the metrics of each evaluation, in `<run_dir>/tensorboard`."
@@ -461,7 +482,8 @@ class TensorBoard(Callback):
         return self.writer
     def _metrics(self, run, rows):
         for r in rows:
-            if isinstance(r.get("value"), (int, float)): self._w(run).add_scalar(f"metrics/{r['metric']}", r["value"], run.step)
+            if isinstance(r.get("value"), (int, float)):
+                self._w(run).add_scalar(f"metrics/{r['metric']}", r["value"], run.step)
     def after_step(self, run):
         for k, v in run.terms.items(): self._w(run).add_scalar(f"loss/{k}", v, run.step)
     def after_epoch(self, run):
@@ -490,13 +512,15 @@ def config_diff(old: dict, new: dict, data_old=None, data_new=None) -> dict:
     return diff
 
 def _checkpoint_to_resume(cfg: TrainConfig, data_fp: str | None, device) -> tuple[dict, Path, dict] | None:
-    "The checkpoint a run continues from and its config changes; refuses unreadable folders and other runs' checkpoints."
+    ("The checkpoint a run continues from and its config changes; "
+     "refuses unreadable folders and other runs' checkpoints.")
     if not cfg.resume: return None
     found = load_latest_checkpoint(cfg.run_dir, map_location=device)
     files = _ckpt_files(cfg.run_dir / "checkpoints")
     if found is None and files:
         raise CheckpointError(f"none of the {len(files)} checkpoint(s) in {cfg.run_dir / 'checkpoints'} is readable "
-                              f"(see the warnings); nothing was changed. resume=False starts the run over, replacing them")
+                              f"(see the warnings); nothing was changed. resume=False starts the run over, "
+                              f"replacing them")
     if found is None: return None
     ck, path = found
     diff = config_diff(ck["config"], to_dict(cfg), ck.get("data"), data_fp)
@@ -518,16 +542,21 @@ def _check_run_dir(cfg: TrainConfig):
     try: ours = isinstance(json.loads((d / "config.json").read_text()).get("config"), dict)
     except (OSError, ValueError, AttributeError): ours = False
     foreign = sorted(p.name for p in d.iterdir() if p.name not in _RUN_FILES + (".lock",))
-    if not ours and (foreign or (d / "config.json").exists()):
-        shown = ", ".join((foreign or ["config.json"])[:5])
-        raise FileExistsError(f"{d} holds files that train() does not write ({shown}) and no config.json of a run; "
-                              f"refusing to write there. Choose another run_name or out_dir.")
+    present = sorted(p.name for p in d.iterdir() if p.name != ".lock")
+    if not ours and present:                          # e.g. another codebase's checkpoints/ or samples/
+        what = f"files that train() does not write ({', '.join(foreign[:5])})" if foreign else \
+            f"{', '.join(present[:5])} but no config.json of a run"
+        raise FileExistsError(f"{d} holds {what}; refusing to write there. Choose another run_name or out_dir.")
 
 def _fresh_run_dir(cfg: TrainConfig):
     "Clear the outputs an earlier run wrote in the same folder (resume=False); files train() does not write stay."
     for p in _RUN_FILES:
         q = cfg.run_dir / p
-        if q.is_dir(): shutil.rmtree(q)
+        if q.is_dir():
+            for f in q.iterdir():
+                if re.fullmatch(r"(ckpt_\d+\.pt|\..+\.tmp|epoch_\d+\.png|events\.out\.tfevents\..+)", f.name):
+                    f.unlink()
+            if not any(q.iterdir()): q.rmdir()
         elif q.exists(): q.unlink()
 
 def _invalidate_derived(run: RunState):
@@ -544,7 +573,7 @@ def _prepare_dir(cfg: TrainConfig):
     if not cfg.resume: _fresh_run_dir(cfg)
     _checkpoint_to_resume(cfg, None, "cpu")          # refuse a mismatched resume before the long asset preparation
 
-def _rank0_first(info: DistInfo, fn):
+def _rank0_first(info: DistInfo, fn):  # noqa: the other ranks wait (for hours if need be: see init_distributed)
     "Run `fn` on rank 0, then on the other ranks (caches are built once, then read)."
     if info.main: out = fn()
     barrier(info)
@@ -557,40 +586,45 @@ def train(cfg: TrainConfig, assets=None, callbacks=(), progress: bool = True) ->
     cfg = validate(cfg)
     info, device = init_distributed(get_device(cfg.device))
     if cfg.batch_size % info.world:
-        raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the {info.world} processes")
+        raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the "
+                         f"{info.world} processes")
     if device.type == "cpu": keep_freed_memory()
     if info.main: _check_run_dir(cfg)                # before the lock file is made: a foreign folder gets nothing
     with RunLock(cfg.run_dir) if info.main else contextlib.nullcontext():   # one writer per run folder
-        _rank0_first(info, lambda: _prepare_dir(cfg) if info.main else None)
+        if info.main: _prepare_dir(cfg)
+        barrier(info)
         seed_everything(cfg.seed)
         assets = assets if assets is not None else _rank0_first(info, lambda: prepare_assets(cfg, device))
         if _steps_per_epoch(cfg, assets.train, info.world) < 1:
             raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(assets.train)} training images: "
                              f"an epoch would have no step")
         lcfg = loss_config(cfg.loss, **cfg.lambdas)
+        seed_everything(cfg.seed)                    # initial weights independent of what prepare_assets consumed
         run = RunState(cfg, build_models(cfg, device, info), assets.encoders(lcfg), assets, device,
                        torch.Generator().manual_seed(cfg.seed), log=LossLog(cfg.run_dir / "losses.csv"),
                        prec=Precision(cfg.precision, device), dist=info)
-        found = _checkpoint_to_resume(cfg, assets.info.get("data_fingerprint"), device)
+        found = _checkpoint_to_resume(cfg, assets.info.get("data_fingerprint"), "cpu")
         if found: run.restore(found[0])
         if found and found[2]:
             run.changes.append(dict(step=run.step, changes={k: list(v) for k, v in found[2].items()}))
         if info.main:
             atomic_write_json(dict(config=to_dict(cfg), loss=to_dict(lcfg), assets=assets.info, world_size=info.world,
-                                   resumed_from=dict(path=str(found[1]), epoch=run.epoch, step=run.step) if found else None,
+                                   resumed_from=(dict(path=str(found[1]), epoch=run.epoch, step=run.step)
+                                                 if found else None),
                                    changes=run.changes), cfg.run_dir / "config.json")
             if run.epoch < cfg.epochs: _invalidate_derived(run)
             run.log.resume_at(run.step)
         cbs = [Sampler(), Evaluator(), LossPlot(), *([TensorBoard()] if cfg.tensorboard and info.main else []),
                *callbacks, Checkpointer()]
-        bar = tqdm(total=cfg.epochs * _steps_per_epoch(cfg, assets.train, info.world), initial=run.step, desc=f"train {cfg.name}",
-                   disable=not progress or not info.main, smoothing=0.1)
+        bar = tqdm(total=cfg.epochs * _steps_per_epoch(cfg, assets.train, info.world), initial=run.step,
+                   desc=f"train {cfg.name}", disable=not progress or not info.main, smoothing=0.1)
         if found: bar.write(f"resumed from {found[1]} (epoch {run.epoch}, step {run.step})")
         try: _fit(run, lcfg, cbs, bar)
         except NonFiniteLossError as e:
             last = load_latest_checkpoint(cfg.run_dir)
             raise NonFiniteLossError(f"{e}. Run {cfg.run_dir} stopped at epoch {run.epoch} step {run.step}; last good "
-                                     f"checkpoint: {last[1] if last else 'none'} (resume=True restarts from it)") from None
+                                     f"checkpoint: {last[1] if last else 'none'} "
+                                     f"(resume=True restarts from it)") from None
         finally: bar.close()
         for cb in cbs: cb.after_fit(run)
         barrier(info)
@@ -607,8 +641,9 @@ def _fit(run: RunState, lcfg, cbs, bar):
     cfg, m, info = run.cfg, run.models, run.dist
     unwrap(m.G).train(); unwrap(m.D).train()
     cuda = run.device.type == "cuda"
-    loader = epoch_loader(run.assets.train, cfg.batch_size // info.world, run.epoch, cfg.seed, num_workers=cfg.num_workers,
-                          rank=info.rank, world=info.world, pin_memory=cuda, persistent=True)
+    loader = epoch_loader(run.assets.train, cfg.batch_size // info.world, run.epoch, cfg.seed,
+                          num_workers=cfg.num_workers, rank=info.rank, world=info.world, pin_memory=cuda,
+                          persistent=True)
     channels_last = cuda and getattr(m.arch_cfg, "channels_last", False)
     for epoch in range(run.epoch, cfg.epochs):
         loader.sampler.set_epoch(epoch); run.assets.train.set_epoch(epoch)
@@ -648,7 +683,8 @@ def find_damsm_pair(folder) -> tuple[Path, Path]:
     texts = sorted(folder.rglob("text_encoder*.pth")) if folder.is_dir() else []
     if not texts:
         raise FileNotFoundError(f"no text_encoder*.pth under {folder}: put the public DAMSM encoders there "
-                                f"(CUB: text_encoder200.pth + image_encoder200.pth; COCO: text_encoder100.pth + image_encoder100.pth)")
+                                f"(CUB: text_encoder200.pth + image_encoder200.pth; "
+                                f"COCO: text_encoder100.pth + image_encoder100.pth)")
     image = texts[-1].with_name(texts[-1].name.replace("text_encoder", "image_encoder"))
     if not image.exists(): raise FileNotFoundError(f"{texts[-1]} has no matching image encoder {image}")
     return texts[-1], image
@@ -670,17 +706,20 @@ class Assets:
 
     def encoders(self, lcfg) -> Encoders:
         "The frozen networks the generator objective uses."
-        if lcfg.lambda_cap > 0 and self.captioner is None: raise ValueError("the loss preset needs a captioner (lambda_cap > 0) but none was prepared")
+        if lcfg.lambda_cap > 0 and self.captioner is None:
+            raise ValueError("the loss preset needs a captioner (lambda_cap > 0) but none was prepared")
         return Encoders(self.text_enc, self.img_enc, self.captioner if lcfg.lambda_cap > 0 else None)
 
     def __repr__(self):
         nets = [k for k in ("eval_text_enc", "evaluator", "captioner") if getattr(self, k) is not None]
-        return f"Assets(train={self.train!r}, test={len(self.test)} images, DAMSM + {', '.join(nets) or 'nothing else'})"
+        return (f"Assets(train={self.train!r}, test={len(self.test)} images, "
+                f"DAMSM + {', '.join(nets) or 'nothing else'})")
 
 # %% ../nbs/08_train.ipynb
 def _datasets(cfg: TrainConfig):
     kw = dict(img_size=cfg.img_size, image_dir=cfg.image_dir, seed=cfg.seed, cache_images=cfg.dataset == "synth_birds")
-    return (TextImageDataset(cfg.data_dir, "train", two_captions=True, **kw), TextImageDataset(cfg.data_dir, "test", **kw))
+    return (TextImageDataset(cfg.data_dir, "train", two_captions=True, **kw),
+            TextImageDataset(cfg.data_dir, "test", **kw))
 
 def _frozen(m): return m.requires_grad_(False).eval()
 
@@ -691,23 +730,26 @@ def _epochs(asset_cfg, cfg: TrainConfig):
 def _damsm_pair(folder, n_words, device):
     from t2i_nb.encoders import load_image_encoder, load_text_encoder
     t, i = find_damsm_pair(folder)
-    return _frozen(load_text_encoder(t, n_words, device)), _frozen(load_image_encoder(i, device=device)), dict(text=str(t), image=str(i))
+    return (_frozen(load_text_encoder(t, n_words, device)), _frozen(load_image_encoder(i, device=device)),
+            dict(text=str(t), image=str(i)))
 
 # %% ../nbs/08_train.ipynb
 def _synth_damsm(cfg, train, device, heldout: bool, data_key: str):
-    "DAMSM encoders pretrained on SynthBirds: DAMSM+CL for training (as the paper), plain DAMSM with another seed held out."
+    ("DAMSM encoders pretrained on SynthBirds: DAMSM+CL for training (as the paper), "
+     "plain DAMSM with another seed held out.")
     from t2i_nb.damsm import DAMSM_PRESETS, damsm_paths, load_damsm, pretrain_damsm
     dcfg = _epochs(DAMSM_PRESETS["synth_birds" if heldout else "synth_birds_cl"], cfg)
     if heldout: dcfg = replace(dcfg, seed=dcfg.seed + 1)
-    folder = cached_asset(Path(cfg.data_dir) / "t2i_cache", "damsm", dcfg, lambda out: pretrain_damsm(dcfg, cfg.data_dir, out, device),
-                          data_key)
+    folder = cached_asset(Path(cfg.data_dir) / "t2i_cache", "damsm", dcfg,
+                          lambda out: pretrain_damsm(dcfg, cfg.data_dir, out, device), data_key)
     t, i = load_damsm(folder, train.n_words, device)
     return _frozen(t), _frozen(i), dict(zip(("text", "image"), map(str, damsm_paths(folder))))
 
 def _synth_evaluator(cfg, device):
     "The SynthBirds attribute/species classifier (trained once, cached by `train_evaluator`)."
     from t2i_nb.evaluator import EvaluatorConfig, train_evaluator
-    model, report = train_evaluator(cfg.data_dir, _epochs(EvaluatorConfig(), cfg), device, out_dir=Path(cfg.data_dir) / "t2i_cache" / "evaluator")
+    model, report = train_evaluator(cfg.data_dir, _epochs(EvaluatorConfig(), cfg), device,
+                                    out_dir=Path(cfg.data_dir) / "t2i_cache" / "evaluator")
     return _frozen(model), dict(weights=model.weights_path, test_accuracy=report.get("test_accuracy"))
 
 def _synth_captioner(cfg, train, device, data_key: str):
@@ -738,13 +780,16 @@ def prepare_assets(cfg: TrainConfig, device=None) -> Assets:
     else:
         from t2i_nb.metrics import InceptionFeatures
         if need_cap: raise ValueError("the re-captioning loss needs a captioner pretrained on this dataset: "
-                                      "nbs/pretrain_captioner.ipynb makes one; wiring it into CUB/COCO runs is not automated yet")
-        inception = InceptionFeatures(cfg.inception_weights, device=device)           # fails fast when the file is missing
+                                      "nbs/pretrain_captioner.ipynb makes one; wiring it into CUB/COCO runs is not "
+                                      "automated yet")
+        # fails fast when the file is missing
+        inception = InceptionFeatures(cfg.inception_weights, device=device)
         t, i, damsm = _damsm_pair(cfg.damsm_dir or Path(cfg.data_dir) / "DAMSMencoders", train.n_words, device)
-        et, ei, edamsm = _damsm_pair(cfg.eval_damsm_dir, train.n_words, device) if cfg.eval_damsm_dir else (None, None, None)
+        et, ei, edamsm = (_damsm_pair(cfg.eval_damsm_dir, train.n_words, device) if cfg.eval_damsm_dir
+                          else (None, None, None))
         ev, ev_info, cap, cap_info = None, None, None, None
-    info = dict(data_dir=str(cfg.data_dir), data_fingerprint=fp, damsm=damsm, eval_damsm=edamsm, evaluator=ev_info, captioner=cap_info,
-                inception=inception.info() if inception else None)
+    info = dict(data_dir=str(cfg.data_dir), data_fingerprint=fp, damsm=damsm, eval_damsm=edamsm, evaluator=ev_info,
+                captioner=cap_info, inception=inception.info() if inception else None)
     return Assets(train, test, t, i, et, ei, ev, cap, inception, info)
 
 # %% ../nbs/08_train.ipynb
@@ -759,7 +804,8 @@ def _caption_rows(ds, rows, rng, other_than=None):
 
 def fake_batches(G, text_enc, ds: TextImageDataset, n: int, batch_size: int = 100, seed: int = 0, device="cpu",
                  pairs: bool = False, nz: int = 100, dist: DistInfo = DistInfo()):
-    "Batches of `n` fakes for test captions (`img2`: a second caption, same noise, if `pairs`); rank r makes batches k≡r."
+    ("Batches of `n` fakes for test captions (`img2`: a second caption, same noise, if `pairs`); "
+     "rank r makes batches k≡r.")
     for k, s in enumerate(range(0, n, batch_size)):
         if k % dist.world != dist.rank: continue
         rng, g = np.random.default_rng([seed, k]), torch.Generator().manual_seed(seed * 1_000_003 + k)   # per batch
@@ -780,7 +826,8 @@ def _rprec_extractor(assets: Assets, seed: int):
     t, i = (assets.eval_text_enc, assets.eval_img_enc) if heldout else (assets.text_enc, assets.img_enc)
     weights = assets.info.get("eval_damsm" if heldout else "damsm") or {}
     caps, lens, cls = pool_from_dataset(assets.test, assets.test.words_num, seed)
-    return RPrecisionExtractor(t, i, caps, lens, cls, heldout=heldout, weights=weights, seed=seed), f"rprec_100_{'heldout' if heldout else 'train'}"
+    return (RPrecisionExtractor(t, i, caps, lens, cls, heldout=heldout, weights=weights, seed=seed),
+            f"rprec_100_{'heldout' if heldout else 'train'}")
 
 def metric_plan(assets: Assets, n: int, cache_dir, seed: int = 0, device="cpu") -> tuple[list, dict, dict]:
     "(metric names, extractors, reference statistics) for the dataset of `assets` with `n` fakes."
@@ -791,14 +838,14 @@ def metric_plan(assets: Assets, n: int, cache_dir, seed: int = 0, device="cpu") 
     if assets.evaluator is not None:
         from t2i_nb.evaluator import SBFeatures, dataset_batches
         ex["sb"] = SBFeatures(assets.evaluator, assets.test.ixtoword)
-        refs["sb"] = compute_reference_stats(dataset_batches(assets.test), ex["sb"], "synthbirds", "test", cache_dir, device=device,
-                                             data_key=assets.info.get("data_fingerprint"))
+        refs["sb"] = compute_reference_stats(dataset_batches(assets.test), ex["sb"], "synthbirds", "test", cache_dir,
+                                             device=device, data_key=assets.info.get("data_fingerprint"))
         names += [f"fid_sb_{n_tag(n)}_test", f"is_sb_{n_tag(n)}", "semantic_acc_sb", "consistency_sb"]
     if assets.inception is not None:
         from t2i_nb.evaluator import dataset_batches
         ex["inception"] = assets.inception
-        refs["inception"] = compute_reference_stats(dataset_batches(assets.test), assets.inception, Path(assets.test.root).name,
-                                                    "test", cache_dir, device=device,
+        refs["inception"] = compute_reference_stats(dataset_batches(assets.test), assets.inception,
+                                                    Path(assets.test.root).name, "test", cache_dir, device=device,
                                                     data_key=assets.info.get("data_fingerprint"))
         names += [f"fid_{assets.inception.mode}_{n_tag(n)}_test", f"is_inception_{n_tag(n)}"]
     return names, ex, refs
@@ -817,13 +864,18 @@ def evaluate(G, assets: Assets, n: int, device="cpu", seed: int = 0, cache_dir=N
 class Evaluator(Callback):
     "Evaluate every `cfg.eval_every` epochs (`metrics_history.jsonl`) and at the end (`metrics.json`)."
     def _run(self, run):
+        # BatchNorm statistics differ per rank: evaluate rank 0's everywhere
+        if run.dist.on:
+            import torch.distributed as tdist
+            for b in run.models.G_eval.buffers(): tdist.broadcast(b, 0)
         res = evaluate(run.models.G_eval, run.assets, run.cfg.n_eval, run.device, seed=0, nz=run.models.arch_cfg.nz,
                        dist=run.dist)
         return [dict(r, epoch=run.epoch, step=run.step) for r in res]
     def after_epoch(self, run):
         if run.cfg.n_eval and run.cfg.eval_every and run.epoch % run.cfg.eval_every == 0 and run.epoch < run.cfg.epochs:
             rows = self._run(run)
-            run.history.extend(rows)                     # saved with the epoch's checkpoint (the Checkpointer runs last)
+            # saved with the epoch's checkpoint (the Checkpointer runs last)
+            run.history.extend(rows)
             if run.dist.main:
                 with open(run.run_dir / "metrics_history.jsonl", "a") as f:
                     for r in rows: f.write(json.dumps(r) + "\n")
@@ -844,10 +896,11 @@ def load_run(run_dir, device=None, assets=None):
     saved = json.loads((run_dir / "config.json").read_text())["config"]
     cfg = validate(TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved}))
     device = get_device(device or cfg.device)
-    found = load_latest_checkpoint(run_dir, map_location=device)
+    found = load_latest_checkpoint(run_dir)
     if found is None: raise FileNotFoundError(f"no readable checkpoint in {run_dir / 'checkpoints'}")
-    m = build_models(cfg, device)
+    m = build_models(replace(cfg, compile=False), device)
     m.G.load_state_dict(found[0]["G"]); m.D.load_state_dict(found[0]["D"])
+    if m.ema is not None and found[0].get("G_ema") is not None: m.ema.load_state_dict(found[0]["G_ema"])
     return cfg, m, assets if assets is not None else prepare_assets(cfg, device)
 
 def evaluate_run(run_dir, n_eval: int | None = None, device=None, assets=None, seed: int = 0) -> list[dict]:
@@ -855,6 +908,7 @@ def evaluate_run(run_dir, n_eval: int | None = None, device=None, assets=None, s
     from t2i_nb.metrics import write_metrics_json
     with RunLock(run_dir, what="process (training or evaluation)"):   # never beside a run that is still writing
         cfg, m, assets = load_run(run_dir, device, assets)
-        res = evaluate(m.G, assets, n_eval or cfg.n_eval, get_device(device or cfg.device), seed=seed, nz=m.arch_cfg.nz)
+        res = evaluate(m.G_eval, assets, n_eval or cfg.n_eval, get_device(device or cfg.device),
+                       seed=seed, nz=m.arch_cfg.nz)
         write_metrics_json(res, Path(run_dir) / "metrics.json")
     return res

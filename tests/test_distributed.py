@@ -101,12 +101,14 @@ def test_two_processes_track_one_and_resume_exactly_after_a_kill(tiny):
 
 def test_ema_is_checkpointed_and_resumed_exactly(tiny):
     kw, _ = tiny
-    class Stop(Callback):
-        def after_epoch(self, run):
-            if run.epoch == 1: raise KeyboardInterrupt
+    class Stop(Callback):                                 # after the epoch-1 checkpoint (step 6), mid epoch 2
+        def after_step(self, run):
+            if run.step == 8: raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         train(make_config(**dict(kw, run_name="ema-killed")), callbacks=[Stop()], progress=False)
-    train(make_config(**dict(kw, run_name="ema-killed")), progress=False)
+    ck = torch.load(Path(kw["out_dir"]) / "ema-killed" / "checkpoints" / "ckpt_0001.pt", weights_only=True)
+    assert ck["step"] == 6 and ck["G_ema"] is not None
+    train(make_config(**dict(kw, run_name="ema-killed")), progress=False)           # resumes from step 6
     train(make_config(**dict(kw, run_name="ema-whole")), progress=False)
     a, b = final(kw, "ema-whole"), final(kw, "ema-killed")
     for k in a["G_ema"]: assert torch.equal(a["G_ema"][k], b["G_ema"][k]), k

@@ -108,6 +108,16 @@ def test_fresh_start_refuses_a_folder_with_foreign_files(tiny):
     assert sorted(p.name for p in d.iterdir()) == ["thesis.tex"] and (d / "thesis.tex").read_text() == "only copy"
 
 
+def test_a_folder_with_only_checkpoints_of_another_tool_is_refused(tiny):
+    d = Path(tiny[0]["out_dir"]) / "other-tool"
+    (d / "checkpoints").mkdir(parents=True)
+    (d / "checkpoints" / "netG_600.pth").write_bytes(b"someone's weights")
+    for resume in (False, True):
+        with pytest.raises(FileExistsError, match="checkpoints but no config.json of a run"):
+            run(tiny, run_name="other-tool", resume=resume)
+    assert (d / "checkpoints" / "netG_600.pth").read_bytes() == b"someone's weights"
+
+
 def test_all_corrupt_checkpoints_stop_the_run_and_stay(tiny):
     d = run(tiny, run_name="corrupt")
     for p in (d / "checkpoints").iterdir(): p.write_bytes(p.read_bytes()[:300])

@@ -46,6 +46,7 @@ def test_a_failing_run_is_named_and_the_others_still_finish(tiny):
     bad = study_configs(losses=["none"], seeds=[8], out_dir=str(root / "fail"), **kw)
     foreign = {k: 0 for k in ("G", "D", "optG", "optD", "epoch", "step", "rng", "noise_rng")}
     torch.save(dict(foreign, config=dict(arch="ssagan", loss="f2f")), _ckpt(bad[0]))  # another run's checkpoint
+    (bad[0].run_dir / "config.json").write_text(json.dumps(dict(config=dict(arch="ssagan", loss="f2f"))))
     with pytest.raises(StudyError, match="1 of 2 runs failed.*ssagan-none-s8.*was trained with other settings \\(loss: 'f2f' in the checkpoint, 'none' now\\)"):
         run_study(good + bad, workers=1)
     assert is_done(good[0]) and not is_done(bad[0])
