@@ -87,11 +87,18 @@ class _AtomicPath:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd); self.tmp = Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)                # mkstemp makes 0600; a shared run folder needs the usual mode
         return self.tmp
     def __exit__(self, exc_type, *_):
         if exc_type is not None: self.tmp.unlink(missing_ok=True); return False
         with open(self.tmp, "rb") as f: os.fsync(f.fileno())
         os.replace(self.tmp, self.path)
+
+def _umask() -> int:
+    m = os.umask(0); os.umask(m)
+    return m
+
+_UMASK = _umask()                                     # read once: os.umask can only be read by setting it
 
 def atomic_write(path) -> _AtomicPath:
     "Context manager giving a temp path that is renamed to `path` only if the block succeeds."
