@@ -17,7 +17,7 @@ from .core import Registry
 
 # %% auto 0
 __all__ = ['PRECISIONS', 'Precision', 'EMA', 'DistInfo', 'init_distributed', 'mean_across', 'barrier', 'shard_batches',
-           'gather_batches', 'gather_rows', 'broadcast_object', 'fake_device_copy']
+           'gather_batches', 'gather_rows', 'fake_device_copy']
 
 # %% ../nbs/00b_accel.ipynb
 PRECISIONS = Registry("precision", {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16})
@@ -123,12 +123,6 @@ def _gather_no_grad(t):
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
     return out
-
-def broadcast_object(obj, info: DistInfo):
-    "Rank 0's `obj` on every rank."
-    if not info.on: return obj
-    box = [obj]; dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 # %% ../nbs/00b_accel.ipynb
 def fake_device_copy(module: nn.Module, device="cuda") -> nn.Module:

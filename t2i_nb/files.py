@@ -17,11 +17,12 @@ class UntrustedFileError(ValueError):
     "A file that cannot be read safely: it would run code, or it is truncated or not in the expected format."
 
 # %% ../nbs/00a_files.ipynb
-def safe_torch_load(path, map_location="cpu"):
+def safe_torch_load(path, map_location="cpu",
+                    mmap: bool = False):  # map the tensors lazily from the file (cheap reads of a few fields)
     "`torch.load(path, weights_only=True)`: tensors and plain containers only; errors name the file."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"no file {path}")
-    try: return torch.load(path, map_location=map_location, weights_only=True)
+    try: return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         refused = _refused_global(str(e))
         if refused:

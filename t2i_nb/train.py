@@ -240,11 +240,11 @@ _CKPT_KEYS = ("G", "D", "optG", "optD", "epoch", "step", "rng", "noise_rng", "co
 
 def _ckpt_files(d: Path) -> list[Path]: return sorted(d.glob("ckpt_*.pt"))
 
-def read_checkpoints(run_dir, map_location="cpu") -> list[tuple[dict, Path]]:
+def read_checkpoints(run_dir, map_location="cpu", mmap: bool = False) -> list[tuple[dict, Path]]:
     "`(state, path)` of every readable checkpoint of `run_dir`, oldest step first; unreadable ones are reported."
     found = []
     for p in _ckpt_files(Path(run_dir) / "checkpoints"):
-        try: state = safe_torch_load(p, map_location=map_location)
+        try: state = safe_torch_load(p, map_location=map_location, mmap=mmap)
         except (UntrustedFileError, OSError) as e:
             warnings.warn(f"checkpoint {p} is unreadable ({e}); trying the previous one", CheckpointWarning)
             continue
@@ -263,14 +263,14 @@ def save_checkpoint(run_dir, state: dict, keep: int = 2) -> Path:
     path = atomic_torch_save(state, d / f"ckpt_{state['epoch']:04d}.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CheckpointWarning)
-        readable = [p for _, p in read_checkpoints(run_dir)]
+        readable = [p for _, p in read_checkpoints(run_dir, mmap=True)]   # steps only: tensors stay on disk
     for old in readable[:-keep]:
         if old != path: old.unlink()                     # by step, among readable ones; never the one just written
     return path
 
-def load_latest_checkpoint(run_dir, map_location="cpu") -> tuple[dict, Path] | None:
+def load_latest_checkpoint(run_dir, map_location="cpu", mmap: bool = False) -> tuple[dict, Path] | None:
     "`(state, path)` of the readable checkpoint with the highest step in `run_dir`, or None."
-    found = read_checkpoints(run_dir, map_location)
+    found = read_checkpoints(run_dir, map_location, mmap)
     return found[-1] if found else None
 
 def clean_stale_temp_files(run_dir) -> list[Path]:
@@ -511,11 +511,12 @@ def config_diff(old: dict, new: dict, data_old=None, data_new=None) -> dict:
     if data_old and data_new and data_old != data_new: diff["data (dataset_fingerprint)"] = (data_old, data_new)
     return diff
 
-def _checkpoint_to_resume(cfg: TrainConfig, data_fp: str | None, device) -> tuple[dict, Path, dict] | None:
+def _checkpoint_to_resume(cfg: TrainConfig, data_fp: str | None, device,
+                          mmap: bool = False) -> tuple[dict, Path, dict] | None:
     ("The checkpoint a run continues from and its config changes; "
      "refuses unreadable folders and other runs' checkpoints.")
     if not cfg.resume: return None
-    found = load_latest_checkpoint(cfg.run_dir, map_location=device)
+    found = load_latest_checkpoint(cfg.run_dir, map_location=device, mmap=mmap)
     files = _ckpt_files(cfg.run_dir / "checkpoints")
     if found is None and files:
         raise CheckpointError(f"none of the {len(files)} checkpoint(s) in {cfg.run_dir / 'checkpoints'} is readable "
@@ -571,9 +572,9 @@ def _prepare_dir(cfg: TrainConfig):
     "Rank 0's checks of the run folder before anything is written (see above)."
     clean_stale_temp_files(cfg.run_dir)
     if not cfg.resume: _fresh_run_dir(cfg)
-    _checkpoint_to_resume(cfg, None, "cpu")          # refuse a mismatched resume before the long asset preparation
+    _checkpoint_to_resume(cfg, None, "cpu", mmap=True)   # refuse a mismatched resume before the long asset preparation
 
-def _rank0_first(info: DistInfo, fn):  # noqa: the other ranks wait (for hours if need be: see init_distributed)
+def _rank0_first(info: DistInfo, fn):  # the other ranks wait (for hours if need be: see init_distributed)
     "Run `fn` on rank 0, then on the other ranks (caches are built once, then read)."
     if info.main: out = fn()
     barrier(info)

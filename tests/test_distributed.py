@@ -10,6 +10,8 @@ import torch
 
 from t2i_nb.train import Callback, make_config, prepare_assets, train
 
+from conftest import tiny_run_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, os, signal, sys
@@ -26,9 +28,7 @@ train(make_config(**kw), callbacks=[KillRank0At()] if kill_at else [], progress=
 def tiny(tmp_path_factory):
     "Tiny SynthBirds settings: global batch 8 (6 steps per epoch), 2 epochs, EMA on; assets cached once."
     root = tmp_path_factory.mktemp("dist")
-    kw = dict(data_dir=str(root / "sb"), n_train=48, n_test=16, pretrain_epochs=1, epochs=2, ngf=8, ndf=8,
-              batch_size=8, n_eval=0, device="cpu", out_dir=str(root / "runs"), loss="f2f_r2f", sample_every=2,
-              ema_decay=0.9)
+    kw = tiny_run_settings(root, ema_decay=0.9)
     prepare_assets(make_config(**kw))
     (root / "script.py").write_text(SCRIPT)
     return kw, root / "script.py"

@@ -14,6 +14,8 @@ from t2i_nb.files import RunLockedError, UntrustedFileError
 from t2i_nb.train import (Callback, CheckpointError, CheckpointWarning, load_run, make_config, prepare_assets,
                           train)
 
+from conftest import tiny_run_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,8 +34,7 @@ def files_of(folder: Path) -> dict:
 def tiny(tmp_path_factory):
     "Tiny SynthBirds settings (6 steps per epoch, 2 epochs), pretrained assets cached once for the module."
     root = tmp_path_factory.mktemp("rel")
-    kw = dict(data_dir=str(root / "sb"), n_train=48, n_test=16, pretrain_epochs=1, epochs=2, ngf=8, ndf=8,
-              batch_size=8, n_eval=0, device="cpu", out_dir=str(root / "runs"), loss="f2f", sample_every=2)
+    kw = tiny_run_settings(root, loss="f2f")
     return kw, prepare_assets(make_config(**kw))
 
 

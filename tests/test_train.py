@@ -10,6 +10,8 @@ from t2i_nb.core import NonFiniteLossError
 from t2i_nb.data import DataLayoutError
 from t2i_nb.train import Callback, CheckpointWarning, make_config, prepare_assets, train
 
+from conftest import tiny_run_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, os, signal, sys
@@ -26,8 +28,7 @@ train(make_config(**kw), callbacks=[KillAt()] if kill_at else [], progress=False
 def tiny(tmp_path_factory):
     "Tiny SynthBirds run settings (6 steps per epoch, 3 epochs) with its pretrained assets already cached."
     root = tmp_path_factory.mktemp("train")
-    kw = dict(data_dir=str(root / "sb"), n_train=48, n_test=16, pretrain_epochs=1, epochs=3, ngf=8, ndf=8,
-              batch_size=8, n_eval=0, device="cpu", out_dir=str(root / "runs"), loss="f2f_r2f", sample_every=2)
+    kw = tiny_run_settings(root, epochs=3)
     prepare_assets(make_config(**kw))
     return kw
 
