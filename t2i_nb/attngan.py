@@ -17,9 +17,10 @@ from .ssagan import _check_shape, _fill_bn_counters, _read_state_dict, n_params
 # %% auto 0
 __all__ = ['PRESETS', 'GLU', 'conv3x3', 'upBlock', 'ResBlock', 'CA_NET', 'kl_loss', 'GlobalAttentionGeneral', 'INIT_STAGE_G',
            'NEXT_STAGE_G', 'GET_IMAGE_G', 'AttnGANGenerator', 'Block3x3_leakRelu', 'downBlock', 'encode_image',
-           'D_GET_LOGITS', 'AttnGANDiscriminator', 'd_loss_stage', 'g_adv_loss', 'discriminator_probs',
+           'D_GET_LOGITS', 'AttnGANDiscriminator', 'd_loss_stage', 'g_adv_loss', 'stage_probs', 'discriminator_probs',
            'discriminator_loss', 'generator_adv_loss', 'AttnGANConfig', 'weights_init', 'make_attngan',
-           'make_attngan_optimizers', 'ema_update', 'attngan_generator_sizes', 'attngan_discriminator_sizes',
+           'make_attngan_optimizers', 'ema_update', 'AttnGANDiscriminators', 'real_pyramid', 'attngan_d_step',
+           'attngan_g_step', 'attngan_generator_sizes', 'attngan_discriminator_sizes',
            'load_official_attngan_generator', 'load_official_attngan_discriminator', 'plot_word_attention']
 
 # %% ../nbs/04a_attngan.ipynb
@@ -174,6 +175,11 @@ class AttnGANGenerator(nn.Module):
             imgs.append(getattr(self, f"img_net{k}")(h)); atts.append(att)
         return imgs, atts, mu, logvar
 
+    def final_image(self, z, sent_emb, words_emb, mask):
+        "The largest stage's images only (what sampling and the metrics read)."
+        return self(z, sent_emb, words_emb, mask)[0][-1]
+
+
 # %% ../nbs/04a_attngan.ipynb
 def Block3x3_leakRelu(cin: int, cout: int) -> nn.Sequential:
     "conv3×3 (no bias) → BN → LeakyReLU(0.2)."
@@ -252,11 +258,15 @@ def g_adv_loss(uncond_fakes: list, cond_fakes: list):
     return sum(_bce(u, 1.) + _bce(c, 1.) for u, c in zip(uncond_fakes, cond_fakes, strict=True))
 
 # %% ../nbs/04a_attngan.ipynb
+def stage_probs(D: AttnGANDiscriminator, feats_real, feats_fake, sent_emb) -> dict:
+    "The five probabilities of the official per-stage D loss from D's features of the real and the fake batch."
+    return dict(uncond_real=D.UNCOND_DNET(feats_real), cond_real=D.COND_DNET(feats_real, sent_emb),
+                uncond_fake=D.UNCOND_DNET(feats_fake), cond_fake=D.COND_DNET(feats_fake, sent_emb),
+                cond_wrong=D.COND_DNET(feats_real[:-1], sent_emb[1:]))     # real[:-1] with the next row's sentence
+
 def discriminator_probs(D: AttnGANDiscriminator, real, fake, sent_emb) -> dict:
     "D's probabilities as the official `discriminator_loss` computes them (separate real / fake passes; fake detached)."
-    fr, ff = D(real), D(fake.detach())
-    return dict(uncond_real=D.UNCOND_DNET(fr), cond_real=D.COND_DNET(fr, sent_emb), uncond_fake=D.UNCOND_DNET(ff),
-                cond_fake=D.COND_DNET(ff, sent_emb), cond_wrong=D.COND_DNET(fr[:-1], sent_emb[1:]))
+    return stage_probs(D, D(real), D(fake.detach()), sent_emb)
 
 def discriminator_loss(D: AttnGANDiscriminator, real, fake, sent_emb):
     "Official D loss of one stage from images: `d_loss_stage(**discriminator_probs(...))`."
@@ -322,6 +332,57 @@ def make_attngan_optimizers(G, Ds, cfg: AttnGANConfig) -> tuple[torch.optim.Adam
 def ema_update(avg_params: list, model: nn.Module, decay: float = 0.999):
     "Official G EMA on parameters (not buffers): avg = decay·avg + (1-decay)·p, in place."
     for a, p in zip(avg_params, model.parameters(), strict=True): a.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+# %% ../nbs/04a_attngan.ipynb
+class AttnGANDiscriminators(nn.Module):
+    "The stage discriminators as one module: forward(*image_lists) -> per list, D_k's features of image k."
+    def __init__(self, Ds: list):
+        super().__init__()
+        self.stages = nn.ModuleList(Ds)
+
+    def forward(self, *image_lists):         # each list: one image batch per stage, passed separately (BatchNorm)
+        return [[D(x) for D, x in zip(self.stages, imgs, strict=True)] for imgs in image_lists]
+
+def real_pyramid(real, sizes: list[int]) -> list:
+    "The real batch at every stage size (antialiased bilinear below the loader's size)."
+    return [real if s == real.shape[-1] else
+            F.interpolate(real, size=(s, s), mode="bilinear", align_corners=False, antialias=True) for s in sizes]
+
+def _fp32(p: dict) -> dict: return {k: v.float() for k, v in p.items()}
+
+# %% ../nbs/04a_attngan.ipynb
+from .ssagan import _update, frozen
+
+def attngan_d_step(D: AttnGANDiscriminators, optD, reals: list, fake_sets: list, sents: list, prec=None) -> dict:
+    "One update of every stage D: official stage losses summed over stages and caption sets; terms as floats."
+    loss, terms = 0., {}
+    for fakes, sent in zip(fake_sets, sents, strict=True):      # one set, or two for AttnGAN + CL (T2I_CL)
+        feats_real, feats_fake = D(reals, [f.detach() for f in fakes])
+        for k, (Dk, fr, ff) in enumerate(zip(D.stages, feats_real, feats_fake)):
+            p = _fp32(stage_probs(Dk, fr, ff, sent))
+            with torch.autocast(fr.device.type, enabled=False): lk = d_loss_stage(**p)
+            terms[f"d_loss{k}"] = terms.get(f"d_loss{k}", 0.) + lk
+            loss = loss + lk
+    terms["d_loss"] = loss
+    return _update(optD, loss, terms, "AttnGAN D step", prec)
+
+def attngan_g_step(D: AttnGANDiscriminators, optG, fake_sets: list, sents: list, mu, logvar, kl_weight: float = 1.,
+                   extra_loss_fn=None, prec=None) -> dict:
+    "One G update: Σ_sets Σ_stages BCE(u,1)+BCE(c,1), + kl_weight·Σ_sets KL, + extra_loss_fn(largest fakes)['total']."
+    n = len(fake_sets)
+    with frozen(D):
+        feats = D(*fake_sets)
+        probs = [(Dk.UNCOND_DNET(f).float(), Dk.COND_DNET(f, s).float())
+                 for fs, s in zip(feats, sents) for Dk, f in zip(D.stages, fs)]
+        with torch.autocast(mu.device.type, enabled=False):
+            adv = g_adv_loss([u for u, _ in probs], [c for _, c in probs])
+            kl = sum(kl_loss(m.float(), lv.float()) for m, lv in zip(mu.chunk(n), logvar.chunk(n)))
+        terms = dict(g_adv=adv, g_kl=kl)
+        extra = extra_loss_fn(torch.cat([fs[-1] for fs in fake_sets])) if extra_loss_fn is not None else {}
+        terms.update({f"g_{k}": v for k, v in extra.items() if k != "total"})
+        loss = adv + kl_weight * kl + extra.get("total", 0.)
+        terms["g_loss"] = loss
+        return _update(optG, loss, terms, "AttnGAN G step", prec)
 
 # %% ../nbs/04a_attngan.ipynb
 def _count(sd: dict, fmt: str) -> int:

@@ -13,8 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
-from .losses import loss_config
-from .train import TRAIN_PRESETS, Encoders, TrainConfig, build_models, train_step
+from .archs import Encoders, build_models, loss_of, train_step
+from .train import TRAIN_PRESETS, TrainConfig
 
 # %% auto 0
 __all__ = ['VOCAB', 'TFLOPS', 'N_TRAIN', 'PAPER_ROWS', 'lstm_flops', 'damsm_encoders', 'ShapeOnlyText', 'fake_batch',
@@ -139,7 +139,7 @@ def flops_per_iteration(cfg: TrainConfig,            # the run (arch, img_size, 
                         n_words: int | None = None,  # text-encoder vocabulary (default `VOCAB[cfg.dataset]`)
                         ) -> dict:
     "FLOPs of one `train_step` of `cfg` counted on fake tensors: `total`, `parts` (by network), `steps` (by update)."
-    lcfg = loss_config(loss or cfg.loss, **cfg.lambdas)
+    lcfg = loss_of(replace(cfg, loss=loss or cfg.loss))
     if lcfg.lambda_cap > 0: raise ValueError("the re-captioning term's captioner is not modelled; use another preset")
     mode, fc = FakeTensorMode(), FlopCounterMode(display=False)
     fc.mod_tracker = _NoModuleTracking()

@@ -14,7 +14,7 @@ from torch import nn
 from .accel import DistInfo, gather_rows
 from .captioner import recaption_loss
 from .core import Registry
-from .damsm import damsm_loss
+from .damsm import damsm_loss, word_mask
 
 # %% auto 0
 __all__ = ['LOSS_PRESETS', 'WEIGHTS', 'nt_xent', 'ProjectionHead', 'image_codes', 'f2f_loss', 'r2f_from_codes', 'r2f_loss',
@@ -117,7 +117,7 @@ def _cat_padded(a, b):
     return torch.cat([F.pad(a, (0, L - a.shape[1])), F.pad(b, (0, L - b.shape[1]))])
 
 def generator_inputs(text_encoder: nn.Module, batch: dict, cfg: LossConfig, noise, device="cpu") -> dict:
-    "Frozen text embeddings of the batch's captions (both caption sets, 2N rows, when F2F is on) and the noise."
+    "Frozen text embeddings of the batch's captions (both caption sets, 2N rows, when F2F is on), padding mask, noise."
     caps, lens, cls = batch["caption"], torch.as_tensor(batch["cap_len"]), torch.as_tensor(batch["class_id"])
     if cfg.two_captions:
         caps, lens, cls = (_cat_padded(caps, batch["caption2"]),
@@ -126,7 +126,7 @@ def generator_inputs(text_encoder: nn.Module, batch: dict, cfg: LossConfig, nois
     caps, lens = caps.to(device), lens.to(device)
     with torch.no_grad(): words, sent = (t.float() for t in text_encoder(caps, lens))   # fp32 under autocast too
     return dict(noise=noise.to(device), words=words, sent=sent, captions=caps, cap_lens=lens, class_ids=cls.to(device),
-                n=len(batch["caption"]))
+                mask=~word_mask(lens, words.shape[2], lens.device), n=len(batch["caption"]))   # mask: True at padding
 
 def generate(G: nn.Module, inp: dict):
     "Fake images for every row of `inp` in one generator call (masks dropped)."

@@ -55,8 +55,8 @@ class StudyError(RuntimeError):
 # %% ../nbs/08a_reproduce.ipynb
 def _asset_config(cfgs):
     "The config whose assets cover the whole study (a re-captioning run also needs the captioner)."
-    from t2i_nb.losses import loss_config
-    return max(cfgs, key=lambda c: loss_config(c.loss, **c.lambdas).lambda_cap > 0)
+    from t2i_nb.archs import loss_of
+    return max(cfgs, key=lambda c: loss_of(c).lambda_cap > 0)
 
 def _outcomes(todo: list[TrainConfig], workers: int, threads: int | None):
     "Yield `(cfg, seconds or the exception)` as runs finish: in this process for one worker, else in a pool."

@@ -121,6 +121,10 @@ class SSAGenerator(nn.Module):
             x, logits = block(x, sent_emb, masks[-1])
         return self.conv_img(x), masks
 
+    def final_image(self, noise, sent_emb, words_emb=None, mask=None):
+        "The images only (the sampling interface every generator shares; SSA-GAN reads no word features)."
+        return self(noise, sent_emb)[0]
+
 def _check_shape(t, shape, name):
     if t.dim() != len(shape) or any(e is not None and a != e for a, e in zip(t.shape, shape)):
         want = "×".join("B" if e is None else str(e) for e in shape)

@@ -20,15 +20,17 @@ from .data import (DataLayoutError, TextImageDataset, dataset_fingerprint, epoch
                          mismatch_index, preflight)
 from .files import RunLock, UntrustedFileError, safe_torch_load
 from .accel import EMA, PRECISIONS, DistInfo, Precision, barrier, init_distributed, mean_across
+from .archs import (_FP32, ARCHS, DDP, Encoders, Models, build_models, check_arch_opts, loss_of, train_step,
+                          unwrap)
+from .damsm import word_mask
 
 # %% auto 0
-__all__ = ['TRAIN_PRESETS', 'DATASET_PRESET', 'DATASETS', 'ARCHS', 'RESUME_FREE', 'TrainConfig', 'make_config', 'validate',
-           'Models', 'unwrap', 'DDP', 'build_models', 'CheckpointWarning', 'CheckpointError', 'read_checkpoints',
-           'save_checkpoint', 'load_latest_checkpoint', 'clean_stale_temp_files', 'LossLog', 'fixed_captions',
-           'generate', 'save_grid', 'plot_losses', 'Encoders', 'train_step', 'RunState', 'Callback', 'Checkpointer',
-           'Sampler', 'LossPlot', 'TensorBoard', 'config_diff', 'train', 'cached_asset', 'find_damsm_pair', 'Assets',
-           'prepare_assets', 'fake_batches', 'metric_plan', 'evaluate', 'Evaluator', 'read_metrics', 'load_run',
-           'evaluate_run']
+__all__ = ['TRAIN_PRESETS', 'DATASET_PRESET', 'DATASETS', 'RESUME_FREE', 'TrainConfig', 'make_config', 'validate',
+           'CheckpointWarning', 'CheckpointError', 'read_checkpoints', 'save_checkpoint', 'load_latest_checkpoint',
+           'clean_stale_temp_files', 'LossLog', 'fixed_captions', 'generate', 'save_grid', 'plot_losses', 'RunState',
+           'Callback', 'Checkpointer', 'Sampler', 'LossPlot', 'TensorBoard', 'config_diff', 'train', 'cached_asset',
+           'find_damsm_pair', 'Assets', 'prepare_assets', 'fake_batches', 'metric_plan', 'evaluate', 'Evaluator',
+           'read_metrics', 'load_run', 'evaluate_run']
 
 # %% ../nbs/08_train.ipynb
 @dataclass
@@ -44,6 +46,7 @@ class TrainConfig:
     arch: str = "ssagan"               # architecture name (ARCHS)
     loss: str = "f2f_r2f"              # loss preset (t2i_nb.losses.LOSS_PRESETS)
     lambdas: dict = field(default_factory=dict)  # overrides of the preset's weights, e.g. {"lambda_f2f": 0.5}
+    arch_opts: dict = field(default_factory=dict)  # architecture options (ARCHS[arch].options), e.g. {"r_num": 3}
     img_size: int = 64                 # generated resolution
     ngf: int = 16                      # generator width (paper: 64)
     ndf: int = 16                      # discriminator width (paper: 64)
@@ -72,7 +75,7 @@ class TrainConfig:
     check_data: bool = True            # decode every image and check caption ids before training (pre-flight)
     precision: str = "fp32"            # fp32 | bf16 | fp16: autocast around G, D and the frozen encoders
     compile: bool = False              # torch.compile the generator (GPU; the first steps compile)
-    ema_decay: float = 0.0             # EMA of G, sampled and evaluated when > 0 (AttnGAN: 0.999)
+    ema_decay: float = 0.0             # EMA of G, sampled and evaluated when > 0 (AttnGAN's default: 0.999)
     sync_bn: bool = False              # SyncBatchNorm in G across torchrun processes (CUDA; official SSA-GAN)
     tensorboard: bool = False          # also log to <run_dir>/tensorboard (needs the tensorboard package)
     allow_config_change: bool = False  # resume although training settings differ from the checkpoint's (recorded)
@@ -99,14 +102,16 @@ DATASETS = Registry("dataset", {k: k for k in DATASET_PRESET})
 
 # %% ../nbs/08_train.ipynb
 def make_config(dataset: str = "synth_birds", preset: str | None = None, **overrides) -> TrainConfig:
-    "A validated `TrainConfig`: `preset` (default: the dataset's) with the non-None `overrides` applied."
+    ("A validated `TrainConfig`: `preset` (default: the dataset's), the architecture's settings for the dataset "
+     "(`ARCHS[arch].defaults`), then the non-None `overrides`.")
     DATASETS[dataset]
     cfg = TRAIN_PRESETS[preset or DATASET_PRESET[dataset]]
     valid = {f.name for f in fields(TrainConfig)}
     bad = sorted(set(overrides) - valid)
     if bad: raise TypeError(f"unknown training parameter(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}")
-    cfg = replace(cfg, dataset=dataset, **{k: v for k, v in overrides.items() if v is not None})
-    return validate(cfg)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    arch_defaults = ARCHS[given.get("arch", cfg.arch)].defaults.get(dataset, {})
+    return validate(replace(cfg, dataset=dataset, **{**arch_defaults, **given}))
 
 # %% ../nbs/08_train.ipynb
 _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off", "none", ""}
@@ -150,9 +155,8 @@ _AT_LEAST = dict(epochs=1, batch_size=2, ngf=1, ndf=1, seed=0, n_eval=0, eval_ev
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     "`cfg` with every value of its field's type, checked for names, ranges and paths; or a clear error naming it."
-    from t2i_nb.losses import loss_config
     cfg = replace(cfg, **{f.name: _typed(f.name, str(f.type), getattr(cfg, f.name)) for f in fields(TrainConfig)})
-    DATASETS[cfg.dataset]; ARCHS[cfg.arch]; loss_config(cfg.loss, **cfg.lambdas); PRECISIONS[cfg.precision]
+    DATASETS[cfg.dataset]; loss_of(cfg); check_arch_opts(cfg.arch, cfg.arch_opts); PRECISIONS[cfg.precision]
     if not (cfg.ema_decay == 0 or 0 < cfg.ema_decay < 1):
         raise ValueError(f"ema_decay must be 0 (off) or in (0, 1), got {cfg.ema_decay}")
     if cfg.precision == "fp16" and cfg.fold_magp:
@@ -181,53 +185,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                               "the [tensorboard] extra); losses.csv is written either way") from None
     get_device(cfg.device)
     return cfg
-
-# %% ../nbs/08_train.ipynb
-def _arch_ssagan(cfg: TrainConfig, device):
-    from t2i_nb.ssagan import SSAGANConfig, make_models, make_optimizers
-    gcfg = SSAGANConfig(ngf=cfg.ngf, ndf=cfg.ndf, img_size=cfg.img_size, batch_size=cfg.batch_size,
-                        lr_g=cfg.lr_g, lr_d=cfg.lr_d, fold_magp=cfg.fold_magp, gate_init=cfg.gate_init)
-    G, D = make_models(gcfg, device)
-    return Models(G, D, *make_optimizers(G, D, gcfg), gcfg)
-
-ARCHS = Registry("architecture", {"ssagan": _arch_ssagan})
-
-@dataclass
-class Models:
-    "Generator, discriminator, their optimizers and the architecture's own config (+ the EMA generator)."
-    G: torch.nn.Module               # possibly wrapped (DistributedDataParallel, torch.compile): train with these
-    D: torch.nn.Module
-    optG: torch.optim.Optimizer
-    optD: torch.optim.Optimizer
-    arch_cfg: object
-    ema: EMA | None = None
-
-    @property
-    def G_eval(self) -> torch.nn.Module:
-        "The generator to sample and evaluate: the EMA copy when there is one."
-        return self.ema.module if self.ema is not None else unwrap(self.G)
-
-def unwrap(m: torch.nn.Module) -> torch.nn.Module:
-    "The module inside DistributedDataParallel / torch.compile wrappers (whose state_dict has the plain keys)."
-    while hasattr(m, "module") or hasattr(m, "_orig_mod"): m = getattr(m, "module", None) or m._orig_mod
-    return m
-
-class DDP(torch.nn.parallel.DistributedDataParallel):
-    "DistributedDataParallel that also exposes the wrapped module's methods (`D.cond_logits`)."
-    def __getattr__(self, name):
-        try: return super().__getattr__(name)
-        except AttributeError: return getattr(self.module, name)
-
-def build_models(cfg: TrainConfig, device, dist: DistInfo = DistInfo()) -> Models:
-    "Fresh models and optimizers of `cfg.arch` on `device`: EMA, SyncBatchNorm, DDP and compile as `cfg` asks."
-    m = ARCHS[cfg.arch](cfg, device)
-    if cfg.sync_bn and dist.on: m.G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m.G)   # same Parameter objects
-    if dist.on:                                       # DDP broadcasts rank 0's initial weights to every rank
-        ids = [device.index] if device.type == "cuda" else None
-        m.G, m.D = DDP(m.G, device_ids=ids), DDP(m.D, device_ids=ids)
-    if cfg.ema_decay: m.ema = EMA(unwrap(m.G), cfg.ema_decay)
-    if cfg.compile: m.G = torch.compile(m.G)
-    return m
 
 # %% ../nbs/08_train.ipynb
 class CheckpointWarning(UserWarning):
@@ -314,10 +271,11 @@ def fixed_captions(ds: TextImageDataset, n: int = 8) -> dict:
 
 @torch.no_grad()
 def generate(G, text_enc, caption, cap_len, noise, device="cpu") -> torch.Tensor:
-    "Images (CPU, [-1, 1]) generated by `G` in eval mode for captions and noise."
-    was = G.training; G.eval()
-    sent = text_enc(caption.to(device), cap_len.to(device))[1]
-    img = G(noise.to(device), sent)[0].cpu()
+    "Images (CPU, [-1, 1]) of any architecture's `G` (its `final_image`) in eval mode for captions and noise."
+    G = unwrap(G); was = G.training; G.eval()
+    words, sent = text_enc(caption.to(device), cap_len.to(device))
+    mask = ~word_mask(cap_len, words.shape[2], words.device)          # True at padding words
+    img = G.final_image(noise.to(device), sent, words, mask).cpu()
     G.train(was)
     return img
 
@@ -352,38 +310,6 @@ def plot_losses(csv_path, out_path, window: int = 25) -> Path:
                     facet_kws=dict(sharey=False))
     g.set_titles("{col_name}"); g.savefig(out_path, dpi=100); plt.close(g.figure)
     return Path(out_path)
-
-# %% ../nbs/08_train.ipynb
-@dataclass
-class Encoders:
-    "Frozen DAMSM encoders that condition the generator and define the DAMSM/F2F/R2F losses, plus the captioner."
-    text: torch.nn.Module
-    image: torch.nn.Module
-    captioner: torch.nn.Module | None = None
-
-
-# %% ../nbs/08_train.ipynb
-_FP32 = Precision("fp32")
-
-def train_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tensor, prec: Precision = _FP32,
-               dist: DistInfo = DistInfo()) -> dict:
-    "One SSA-GAN iteration (D hinge, MA-GP, G with the paper's objective); returns the loss terms as floats."
-    from t2i_nb.ssagan import d_step, magp_step, g_step
-    from t2i_nb.losses import auxiliary_terms, generator_inputs
-    real, B = batch["img"], len(batch["img"])
-    with prec.autocast():
-        inp = generator_inputs(enc.text, batch, lcfg, noise, real.device)    # N rows, or 2N when F2F is on
-        sent = inp["sent"][:B]
-        mis_sent = sent[mismatch_index(batch["class_id"])]
-        fake = m.G(inp["noise"], inp["sent"])[0]                              # one generator call for all rows
-        terms = d_step(m.G, m.D, m.optD, real, sent, mis_sent, noise, m.arch_cfg, fake=fake[:B], prec=prec)
-    if not m.arch_cfg.fold_magp: terms |= magp_step(m.D, m.optD, real, sent, m.arch_cfg, prec=prec)   # fp32
-    extra = lambda f: auxiliary_terms(f, inp, lcfg, enc.image, real, enc.captioner, dist=dist)   # global-batch losses
-    with prec.autocast():      # D unwrapped: frozen in the G step, so DDP must not wait for its gradients
-        terms |= g_step(m.G, unwrap(m.D), m.optG, inp["sent"], inp["noise"], m.arch_cfg, fake=fake, extra_loss_fn=extra,
-                        prec=prec)
-    if m.ema is not None: m.ema.update(unwrap(m.G))
-    return terms
 
 # %% ../nbs/08_train.ipynb
 @dataclass
@@ -583,7 +509,6 @@ def _rank0_first(info: DistInfo, fn):  # the other ranks wait (for hours if need
 
 def train(cfg: TrainConfig, assets=None, callbacks=(), progress: bool = True) -> Path:
     "Train `cfg` (resuming from its run directory when `cfg.resume`); returns the run directory. Under torchrun: DDP."
-    from t2i_nb.losses import loss_config
     cfg = validate(cfg)
     info, device = init_distributed(get_device(cfg.device))
     if cfg.batch_size % info.world:
@@ -599,7 +524,7 @@ def train(cfg: TrainConfig, assets=None, callbacks=(), progress: bool = True) ->
         if _steps_per_epoch(cfg, assets.train, info.world) < 1:
             raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(assets.train)} training images: "
                              f"an epoch would have no step")
-        lcfg = loss_config(cfg.loss, **cfg.lambdas)
+        lcfg = loss_of(cfg)
         seed_everything(cfg.seed)                    # initial weights independent of what prepare_assets consumed
         run = RunState(cfg, build_models(cfg, device, info), assets.encoders(lcfg), assets, device,
                        torch.Generator().manual_seed(cfg.seed), log=LossLog(cfg.run_dir / "losses.csv"),
@@ -764,14 +689,13 @@ def _synth_captioner(cfg, train, device, data_key: str):
 # %% ../nbs/08_train.ipynb
 def prepare_assets(cfg: TrainConfig, device=None) -> Assets:
     "Datasets and pretrained networks for `cfg`: built/pretrained once and cached (SynthBirds), or read (CUB/COCO)."
-    from t2i_nb.losses import loss_config
     device = get_device(device or cfg.device)
     if cfg.dataset == "synth_birds": make_synth_birds(cfg.data_dir, cfg.n_train, cfg.n_test, img_size=cfg.img_size)
     train, test = _datasets(cfg)
     if cfg.check_data:
         for ds in (train, test): preflight(ds)
     fp = dataset_fingerprint(cfg.data_dir)
-    need_cap = loss_config(cfg.loss, **cfg.lambdas).lambda_cap > 0
+    need_cap = loss_of(cfg).lambda_cap > 0
     if cfg.dataset == "synth_birds":
         t, i, damsm = _synth_damsm(cfg, train, device, heldout=False, data_key=fp)
         et, ei, edamsm = _synth_damsm(cfg, train, device, heldout=True, data_key=fp)
