@@ -16,7 +16,7 @@ from .losses import LOSS_PRESETS, LossConfig, auxiliary_terms, generator_inputs
 
 # %% auto 0
 __all__ = ['ARCHS', 'Arch', 'Encoders', 'Models', 'unwrap', 'DDP', 'build_models', 'preset_overrides', 'loss_names',
-           'arch_loss_config', 'loss_of', 'check_arch_opts', 'train_step', 'per_branch']
+           'arch_loss_config', 'loss_of', 'check_arch_opts', 'train_step', 'official_generator', 'per_branch']
 
 # %% ../nbs/07b_archs.ipynb
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Arch:
     presets: dict = field(default_factory=dict)    # table-row loss presets: name -> LossConfig overrides
     defaults: dict = field(default_factory=dict)   # dataset -> TrainConfig values that differ for this arch
     options: tuple = ()                            # keys `arch_opts` may set
-    load_official: Callable | None = None          # (path, device) -> generator with the authors' weights
+    load_official: Callable | None = None          # (path, cfg, device) -> generator with the authors' weights
     paper: str = ""                                # where the architecture comes from
 
     def base(self, dataset: str) -> LossConfig: return self.loss_base.get(dataset, self.loss_base["*"])
@@ -127,6 +127,13 @@ def train_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tensor,
     "One iteration of `m`'s architecture (D and G updates, EMA); returns the loss terms as floats."
     return ARCHS[m.arch].step(m, batch, enc, lcfg, noise, prec, dist)
 
+def official_generator(cfg, path, device="cpu") -> torch.nn.Module:
+    ("The authors' generator of `cfg.arch` from `path` (their `netG_*.pth`), with the widths of `cfg`, in eval mode: "
+     "evaluate it like one of ours with `evaluate(G, prepare_assets(cfg), n)`.")
+    a = ARCHS[cfg.arch]
+    if a.load_official is None: raise ValueError(f"arch {cfg.arch!r} has no official checkpoints to load")
+    return a.load_official(path, cfg, device)
+
 # %% ../nbs/07b_archs.ipynb
 def _ssagan_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tensor, prec: Precision = _FP32,
                  dist: DistInfo = DistInfo()) -> dict:
@@ -156,9 +163,13 @@ def _build_ssagan(cfg, device) -> Models:
     G, D = make_models(gcfg, device)
     return Models(G, D, *make_optimizers(G, D, gcfg), gcfg, arch="ssagan")
 
-def _official_ssagan(path, device="cpu"):
+def _official_ssagan(path, cfg, device="cpu"):
     from t2i_nb.ssagan import load_official_generator
-    return load_official_generator(path, device)[0]
+    G, _ = load_official_generator(path, device)                  # widths read from the file
+    if (G.ngf, G.img_size) != (cfg.ngf, cfg.img_size):
+        raise ValueError(f"{path}: an SSA-GAN generator with ngf {G.ngf} at {G.img_size} px; the config has "
+                         f"ngf {cfg.ngf} at {cfg.img_size} px")
+    return G
 
 ARCHS["ssagan"] = Arch(_build_ssagan, _ssagan_step, load_official=_official_ssagan,
                        paper="Liao et al., CVPR 2022 (wtliao/text2image)")
@@ -198,9 +209,11 @@ def _build_attngan(cfg, device) -> Models:
     adam = lambda mod, lr: torch.optim.Adam(mod.parameters(), lr=lr, betas=tuple(acfg.betas))
     return Models(G, D, adam(G, acfg.lr_g), adam(D, acfg.lr_d), acfg, arch="attngan")
 
-def _official_attngan(path, device="cpu"):
+def _official_attngan(path, cfg, device="cpu"):
     from t2i_nb.attngan import load_official_attngan_generator
-    return load_official_attngan_generator(path, device=device)
+    o = cfg.arch_opts; b = o.get("branch_num", 3)
+    return load_official_attngan_generator(path, ngf=cfg.ngf, r_num=o.get("r_num", 2), cond_dim=o.get("cond_dim", 100),
+                                           branch_num=b, base_size=cfg.img_size >> (b - 1), device=device)
 
 _ATTN = dict(lr_g=2e-4, lr_d=2e-4, ema_decay=0.999, precision="fp32")
 ARCHS["attngan"] = Arch(

@@ -1,0 +1,182 @@
+"The architecture registry: AttnGAN (+ CL) on the shared loop — steps against the official sequence, EMA, exact resume, errors."
+import copy, json, os, signal, subprocess, sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from t2i_nb.archs import ARCHS, Encoders, arch_loss_config, build_models, official_generator, per_branch, train_step
+from t2i_nb.attngan import (AttnGANDiscriminators, AttnGANGenerator, attngan_d_step, attngan_g_step, d_loss_stage,
+                            discriminator_loss, generator_adv_loss, kl_loss, make_attngan, real_pyramid)
+from t2i_nb.core import UnknownNameError
+from t2i_nb.encoders import SmallImageEncoder, TextEncoder
+from t2i_nb.losses import LossConfig, auxiliary_terms, generator_inputs, nt_xent
+from t2i_nb.train import make_config, prepare_assets
+
+from conftest import tiny_run_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(**kw):
+    base = dict(ngf=4, ndf=4, img_size=64, batch_size=4, lr_g=2e-4, lr_d=2e-4, ema_decay=0.9, arch="attngan",
+                arch_opts={}, sync_bn=False, compile=False, fold_magp=False, gate_init=1.0, dataset="synth_birds")
+    return SimpleNamespace(**(base | kw))
+
+
+def toy_batch(B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(img=torch.rand(B, 3, 64, 64, generator=g) * 2 - 1, caption=torch.randint(1, 30, (B, 6), generator=g),
+                cap_len=torch.tensor([6, 5, 4, 3][:B]), caption2=torch.randint(1, 30, (B, 7), generator=g),
+                cap_len2=torch.tensor([7, 2, 4, 5][:B]), class_id=torch.arange(B))
+
+
+def toy_encoders():
+    torch.manual_seed(5)
+    return Encoders(TextEncoder(30, nhidden=256).eval().requires_grad_(False),
+                    SmallImageEncoder(256, ndf=4, img_size=64).eval().requires_grad_(False))
+
+
+def bce(p, y): return -(y * p.log().clamp(min=-100) + (1 - y) * (1 - p).log().clamp(min=-100)).mean()
+
+
+def test_two_caption_step_equals_t2i_cl_written_out():
+    "D on both branches, G: per-branch adversarial + KL + DAMSM, plus F2F once — against the formulas with plain BCE."
+    torch.manual_seed(0)
+    m = build_models(tiny_cfg(ema_decay=0.0), "cpu")
+    ref = copy.deepcopy(m)
+    enc, batch = toy_encoders(), toy_batch()
+    lcfg = arch_loss_config("attngan", "synth_birds", "attngan_cl")
+    noise = torch.randn(4, 100)
+    torch.manual_seed(1); terms = train_step(m, batch, enc, lcfg, noise)
+    # the same iteration, written out with the official formulas
+    torch.manual_seed(1)
+    inp = generator_inputs(enc.text, batch, lcfg, noise)
+    imgs, _, mu, lv = ref.G(inp["noise"], inp["sent"], inp["words"], inp["mask"])
+    B, Ds = 4, list(ref.D.stages)
+    reals = real_pyramid(batch["img"], ref.arch_cfg.image_sizes)
+    errD = 0.
+    for s in range(2):
+        sent = inp["sent"][s * B:(s + 1) * B]
+        for D, r, f in zip(Ds, reals, imgs):
+            fr, ff = D(r), D(f[s * B:(s + 1) * B].detach())
+            errD = errD + ((bce(D.UNCOND_DNET(fr), 1) + bce(D.COND_DNET(fr, sent), 1)) / 2
+                           + (bce(D.UNCOND_DNET(ff), 0) + bce(D.COND_DNET(ff, sent), 0)
+                              + bce(D.COND_DNET(fr[:-1], sent[1:]), 0)) / 3)
+    ref.optD.zero_grad(); errD.backward(); ref.optD.step()
+    for p in ref.D.parameters(): p.requires_grad_(False)
+    adv = kl = 0.
+    for s in range(2):
+        sent, rows = inp["sent"][s * B:(s + 1) * B], slice(s * B, (s + 1) * B)
+        for D, f in zip(Ds, imgs):
+            h = D(f[rows]); adv = adv + bce(D.UNCOND_DNET(h), 1) + bce(D.COND_DNET(h, sent), 1)
+        kl = kl + kl_loss(mu[rows], lv[rows])
+    aux = auxiliary_terms(imgs[-1], inp, lcfg, enc.image)
+    codes = enc.image(imgs[-1])[1]
+    torch.testing.assert_close(aux["f2f"], nt_xent(codes[:B], codes[B:], 0.5))
+    errG = adv + kl + 2 * 5.0 * aux["damsm"] + 0.2 * aux["f2f"]
+    ref.optG.zero_grad(); errG.backward(); ref.optG.step()
+    assert terms["d_loss"] == pytest.approx(errD.item(), rel=1e-5)
+    assert terms["g_loss"] == pytest.approx(errG.item(), rel=1e-5)
+    for a, b in zip([*m.G.parameters(), *m.D.parameters()], [*ref.G.parameters(), *ref.D.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)   # Adam moves each weight by ~2e-4
+
+
+def test_one_caption_set_steps_equal_official_per_stage_adams():
+    "One Adam over the stacked stage Ds after one backward == the official Adam per stage after each stage's backward."
+    torch.manual_seed(0)
+    G, Ds = make_attngan(build_models(tiny_cfg(), "cpu").arch_cfg)
+    D2 = AttnGANDiscriminators(copy.deepcopy(Ds))
+    opts = [torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999)) for D in Ds]
+    opt2 = torch.optim.Adam(D2.parameters(), 2e-4, betas=(0.5, 0.999))
+    sent, words = torch.randn(4, 256), torch.randn(4, 256, 5)
+    mask = torch.arange(5)[None] >= torch.tensor([5, 4, 3, 1])[:, None]
+    with torch.no_grad(): imgs = G(torch.randn(4, 100), sent, words, mask)[0]
+    reals = real_pyramid(torch.rand(4, 3, 64, 64) * 2 - 1, [16, 32, 64])
+    for _ in range(2):                                    # two steps: Adam's moments too
+        for D, o, r, f in zip(Ds, opts, reals, imgs): o.zero_grad(); discriminator_loss(D, r, f, sent).backward(); o.step()
+        attngan_d_step(D2, opt2, reals, [imgs], [sent])
+    for a, b in zip((p for D in Ds for p in D.parameters()), D2.parameters()): torch.testing.assert_close(a, b)
+
+
+def test_per_branch_counts_every_term_but_f2f_per_branch():
+    lcfg = LossConfig(lambda_damsm=5.0, lambda_r2f=0.1, lambda_f2f=0.2)
+    aux = dict(damsm=torch.tensor(2.0), r2f=torch.tensor(3.0), f2f=torch.tensor(4.0))
+    aux["total"] = 5 * aux["damsm"] + 0.1 * aux["r2f"] + 0.2 * aux["f2f"]
+    assert per_branch(aux, lcfg, 2)["total"].item() == pytest.approx(2 * (10 + 0.3) + 0.8)
+    assert per_branch(aux, lcfg, 1)["total"].item() == pytest.approx(aux["total"].item())
+
+
+def test_ema_follows_the_official_formula():
+    torch.manual_seed(0)
+    m = build_models(tiny_cfg(ema_decay=0.9), "cpu")
+    before = [p.clone() for p in m.ema.module.parameters()]
+    train_step(m, toy_batch(), toy_encoders(), arch_loss_config("attngan", "synth_birds", "attngan"), torch.randn(4, 100))
+    for a, e, p in zip(before, m.ema.module.parameters(), m.G.parameters()):
+        torch.testing.assert_close(e, 0.9 * a + 0.1 * p.detach())
+    for b, c in zip(m.ema.module.buffers(), m.G.buffers()): assert torch.equal(b, c)
+
+
+def test_registry_errors_name_the_valid_choices():
+    with pytest.raises(UnknownNameError, match="valid architectures: attngan, ssagan"): make_config(arch="attgan")
+    with pytest.raises(UnknownNameError, match="unknown loss preset 'attngan_cl' for arch 'ssagan'"):
+        make_config(arch="ssagan", loss="attngan_cl")
+    with pytest.raises(ValueError, match="arch_opts r_nums not taken by arch 'attngan'; valid: branch_num, r_num"):
+        make_config(arch="attngan", arch_opts={"r_nums": 3})
+
+
+def test_presets_and_defaults_per_dataset(tmp_path):
+    c = make_config(arch="attngan", loss="attngan_cl")
+    assert (c.ngf, c.ndf, c.lr_g, c.lr_d, c.ema_decay, c.batch_size) == (16, 16, 2e-4, 2e-4, 0.99, 12)
+    (tmp_path / "coco").mkdir()
+    c = make_config("coco", arch="attngan", loss="attngan", data_dir=str(tmp_path / "coco"))
+    assert (c.ngf, c.ndf, c.batch_size, c.arch_opts, c.ema_decay) == (48, 96, 14, {"r_num": 3}, 0.999)
+    assert arch_loss_config(c.arch, c.dataset, c.loss, c.lambdas).lambda_damsm == 50.0
+    assert make_config(arch="attngan", ngf=8).ngf == 8                 # what the user gives wins
+    m = build_models(make_config("coco", arch="attngan", loss="attngan", data_dir=str(tmp_path / "coco")), "meta")
+    assert sum(p.numel() for p in m.G.parameters()) == 13_811_456      # the official COCO generator
+
+
+def test_official_generator_through_the_registry(tmp_path):
+    cfg = make_config(arch="attngan", ngf=4)
+    G = AttnGANGenerator(ngf=4, base_size=16)
+    torch.save({f"module.{k}": v for k, v in G.state_dict().items()}, tmp_path / "netG_epoch_600.pth")
+    G2 = official_generator(cfg, tmp_path / "netG_epoch_600.pth")
+    for k, v in G.state_dict().items(): assert torch.equal(G2.state_dict()[k], v)
+    with pytest.raises(ValueError, match="ngf: the checkpoint has 4, the model was built with 16"):
+        official_generator(make_config(arch="attngan"), tmp_path / "netG_epoch_600.pth")
+
+
+SCRIPT = """
+import json, os, signal, sys
+from t2i_nb.train import Callback, make_config, train
+kw, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
+class KillAt(Callback):
+    def after_step(self, run):
+        if run.step == kill_at: os.kill(os.getpid(), signal.SIGKILL)
+train(make_config(**kw), callbacks=[KillAt()] if kill_at else [], progress=False)
+"""
+
+
+def run_script(kw, kill_at=0):
+    return subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(kw), str(kill_at)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+
+
+def test_attngan_cl_sigkill_then_resume_gives_the_same_weights_and_ema(tmp_path):
+    kw = tiny_run_settings(tmp_path, epochs=3, arch="attngan", loss="attngan_cl", ema_decay=0.9)
+    prepare_assets(make_config(**kw))
+    ref, killed = dict(kw, run_name="uninterrupted"), dict(kw, run_name="killed")
+    assert run_script(ref).returncode == 0
+    assert run_script(killed, kill_at=10).returncode == -signal.SIGKILL
+    r = run_script(killed)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (torch.load(tmp_path / "runs" / n / "checkpoints" / "ckpt_0003.pt", weights_only=True)
+            for n in ("uninterrupted", "killed"))
+    for part in ("G", "D", "G_ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]: assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
+    assert any(not torch.equal(a["G"][k], a["G_ema"][k]) for k in a["G"])   # the checkpoint holds a real average
+    cfg = json.loads((tmp_path / "runs" / "killed" / "config.json").read_text())
+    assert cfg["config"]["arch"] == "attngan" and cfg["loss"]["lambda_f2f"] == 0.2 and cfg["loss"]["lambda_damsm"] == 5.0
