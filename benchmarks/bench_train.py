@@ -1,6 +1,6 @@
 """Training throughput per loss preset: images/s of one full SSA-GAN iteration, its ratio to `none`, peak memory.
 
-One iteration is exactly `t2i_nb.train.train_step`: D hinge step, MA-GP step, G step with the preset's
+One iteration is exactly `t2i_nb.archs.train_step`: D hinge step, MA-GP step, G step with the preset's
 objective (F2F doubles the generator batch). Each preset runs in its own subprocess, so peak RSS is per preset
 and the process-wide malloc setting can be compared: `--malloc both` times every preset with glibc's default
 and with `t2i_nb.core.keep_freed_memory()`. Presets are measured in interleaved rounds (none, f2f, ..., none,
@@ -27,6 +27,7 @@ from t2i_nb.core import get_device, keep_freed_memory, seed_everything
 if a["keep_freed"]: keep_freed_memory()
 from t2i_nb.data import epoch_loader
 from t2i_nb.losses import loss_config
+# the old names, from t2i_nb.train: this child also runs in the worktree of an earlier commit (--against)
 from t2i_nb.train import build_models, make_config, prepare_assets, train_step
 seed_everything(0)
 cfg = make_config(data_dir=a["data_dir"], n_train=a["n_train"], n_test=a["n_test"], pretrain_epochs=1, img_size=a["img_size"],
@@ -117,7 +118,7 @@ def main():
     ap.add_argument("--parallel", type=int, default=0, help="compare 1 process x all cores with N processes x 1 thread")
     ap.add_argument("--against", default="", help="a git revision to time side by side with this tree")
     args = ap.parse_args()
-    from t2i_nb.train import TRAIN_PRESETS
+    from t2i_nb.config import TRAIN_PRESETS
     p = TRAIN_PRESETS["synth_birds"]
     args.ngf, args.ndf, args.batch_size = args.ngf or p.ngf, args.ndf or p.ndf, args.batch_size or p.batch_size
     if args.parallel: return parallel(args, args.parallel)

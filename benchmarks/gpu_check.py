@@ -39,7 +39,8 @@ def time_iterations(precision: str, compile: bool, steps: int, loss: str = "f2f_
     from t2i_nb.accel import Precision
     from t2i_nb.encoders import InceptionImageEncoder, TextEncoder
     from t2i_nb.losses import loss_config
-    from t2i_nb.train import Encoders, build_models, make_config, train_step
+    from t2i_nb.archs import Encoders, build_models, train_step
+    from t2i_nb.config import make_config
     dev = torch.device(device)
     cfg = make_config("synth_birds", "cub_paper", data_dir=".", device=device, precision=precision, compile=compile,
                       loss=loss, num_workers=0, **overrides)

@@ -8,7 +8,8 @@ import json, sys
 from dataclasses import fields
 from pathlib import Path
 
-from .train import TrainConfig, make_config, read_metrics, train
+from .config import TrainConfig, make_config
+from .train import read_metrics, train
 
 # %% auto 0
 __all__ = ['parse_cli', 'usage', 'main']

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
 from .archs import Encoders, build_models, loss_of, train_step
-from .train import TRAIN_PRESETS, TrainConfig
+from .config import TRAIN_PRESETS, TrainConfig
 
 # %% auto 0
 __all__ = ['VOCAB', 'TFLOPS', 'N_TRAIN', 'PAPER_ROWS', 'lstm_flops', 'damsm_encoders', 'ShapeOnlyText', 'fake_batch',

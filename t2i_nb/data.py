@@ -21,7 +21,7 @@ __all__ = ['LAYOUT', 'CAPTIONS_PER_IMAGE', 'DataLayoutError', 'CorruptImageError
            'read_text_captions', 'build_captions_pickle', 'load_captions', 'cub_crop_box', 'read_cub_bboxes',
            'load_image', 'to_tensor', 'resize_short', 'train_transform', 'test_transform', 'sample_words',
            'mismatch_index', 'detect_kind', 'TextImageDataset', 'EpochSampler', 'epoch_loader', 'write_fixture',
-           'preflight', 'dataset_fingerprint', 'make_synth_birds']
+           'preflight', 'dataset_fingerprint']
 
 # %% ../nbs/01_data.ipynb
 class DataLayoutError(FileNotFoundError):
@@ -406,9 +406,3 @@ def dataset_fingerprint(root, n: int = 12) -> str:
         p = Path(root) / name
         if p.is_file(): h.update(name.encode()); h.update(p.read_bytes())
     return h.hexdigest()[:n]
-
-# %% ../nbs/01_data.ipynb
-def make_synth_birds(root, n_train: int = 2000, n_test: int = 500, img_size: int = 64, seed: int = 0, **kwargs) -> Path:
-    "Draw the SynthBirds dataset into `root` in the CUB layout (see `t2i_nb.synthbirds`)."
-    from .synthbirds import build_synth_birds
-    return build_synth_birds(root, n_train=n_train, n_test=n_test, img_size=img_size, seed=seed, **kwargs)

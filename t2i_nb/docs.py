@@ -114,7 +114,8 @@ def dequantize(sd: dict) -> dict:
 def docs_assets(root="..", data_dir=None) -> dict:
     "The committed snapshot (`results/docs/`) loaded: G, text_enc, img_enc, the SynthBirds test split, info."
     import torch
-    from t2i_nb.data import TextImageDataset, dataset_fingerprint, make_synth_birds
+    from t2i_nb.data import TextImageDataset, dataset_fingerprint
+    from t2i_nb.synthbirds import make_synth_birds
     from t2i_nb.damsm import load_damsm
     from t2i_nb.files import safe_torch_load
     from t2i_nb.ssagan import SSAGenerator

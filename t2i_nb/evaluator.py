@@ -14,17 +14,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import atomic_torch_save, atomic_write_json, config_key, get_device, seed_everything, to_dict
-from .data import TextImageDataset, dataset_fingerprint, epoch_loader
+from .core import atomic_torch_save, atomic_write_json, get_device, seed_everything, to_dict
+from .data import TextImageDataset, epoch_loader
 from .metrics import fid_result, inception_score, n_tag, parse_n, register_family, register_metric
 from .synthbirds import ATTRIBUTES, CAPTIONED, SPECIES, parse_caption, read_attributes
 from .files import safe_torch_load
 
 # %% auto 0
 __all__ = ['HEADS', 'ARCH_VERSION', 'attribute_labels', 'load_split', 'SBEvaluator', 'EvaluatorConfig', 'augment', 'predict',
-           'head_accuracy', 'evaluator_dir', 'load_evaluator', 'train_evaluator', 'state_hash',
-           'read_caption_attributes', 'SBFeatures', 'semantic_accuracy', 'consistency', 'dataset_batches',
-           'chance_accuracy']
+           'head_accuracy', 'load_evaluator', 'train_evaluator', 'state_hash', 'read_caption_attributes', 'SBFeatures',
+           'semantic_accuracy', 'consistency', 'dataset_batches', 'chance_accuracy']
 
 # %% ../nbs/07a_evaluator.ipynb
 HEADS = {"species": len(SPECIES), **{a: len(v) for a, v in ATTRIBUTES.items()}}
@@ -140,15 +139,10 @@ def _fit(model, xtr, ytr, cfg: EvaluatorConfig, dev, progress: bool):
 # %% ../nbs/07a_evaluator.ipynb
 ARCH_VERSION = 2   # bump when SBEvaluator's layers change, so cached evaluators of another architecture are not loaded
 
-def evaluator_dir(data_root, cfg: EvaluatorConfig, out_dir=None) -> Path:
-    "Cache folder of the evaluator trained with `cfg` on the SynthBirds build in `data_root`."
-    # captions, splits and the SynthBirds build: a rebuilt dataset retrains
-    data = dataset_fingerprint(data_root)
-    return (Path(out_dir or Path(data_root) / "evaluator")
-            / config_key(dict(cfg=to_dict(cfg), data=data, arch=ARCH_VERSION)))
-
 def load_evaluator(path, device="cpu") -> tuple[SBEvaluator, dict]:
-    "(model in eval mode, report) from an evaluator.pt written by `train_evaluator`."
+    "(model in eval mode, report) from an evaluator.pt written by `train_evaluator` (or the folder holding it)."
+    path = Path(path)
+    if path.is_dir(): path = path / "evaluator.pt"
     ck = safe_torch_load(path)
     c = ck["config"]
     model = SBEvaluator(c["width"], c["feat_dim"], c["img_size"], ck["heads"])
@@ -156,22 +150,24 @@ def load_evaluator(path, device="cpu") -> tuple[SBEvaluator, dict]:
     model.weights_path = str(path)
     return model.to(get_device(device)).eval(), ck["report"]
 
-def train_evaluator(data_root, cfg: EvaluatorConfig | None = None, device="cpu", out_dir=None, force: bool = False,
+def train_evaluator(data_root, cfg: EvaluatorConfig | None = None, device="cpu", out_dir=None,
                     progress: bool = True) -> tuple[SBEvaluator, dict]:
-    "Train the SynthBirds evaluator on the real train split (or load the cached one); (model, report)."
+    ("Train the SynthBirds evaluator on the real train split; (model, report), also written to `out_dir` "
+     "(`evaluator.pt`, `evaluator.json`) when given.")
     cfg = cfg or EvaluatorConfig()
-    ckpt = evaluator_dir(data_root, cfg, out_dir) / "evaluator.pt"
-    if ckpt.exists() and not force: return load_evaluator(ckpt, device)
     seed_everything(cfg.seed); dev, t0 = get_device(device), time.time()
     xtr, ytr, _ = load_split(data_root, "train", cfg.img_size, progress)
     xte, yte, _ = load_split(data_root, "test", cfg.img_size, progress)
     model = _fit(SBEvaluator(cfg.width, cfg.feat_dim, cfg.img_size).to(dev), xtr, ytr, cfg, dev, progress)
     report = dict(test_accuracy=head_accuracy(model, xte, yte, dev), train_accuracy=head_accuracy(model, xtr, ytr, dev),
                   n_train=len(xtr), n_test=len(xte), seconds=round(time.time() - t0, 1), config=to_dict(cfg))
-    atomic_torch_save(dict(state_dict=model.state_dict(), config=to_dict(cfg), heads=model.head_sizes, report=report),
-                      ckpt)
-    atomic_write_json(report, ckpt.parent / "evaluator.json")
-    model.weights_path = str(ckpt)
+    model.weights_path = None
+    if out_dir is not None:
+        ckpt = Path(out_dir) / "evaluator.pt"
+        atomic_torch_save(dict(state_dict=model.state_dict(), config=to_dict(cfg), heads=model.head_sizes,
+                               report=report), ckpt)
+        atomic_write_json(report, ckpt.parent / "evaluator.json")
+        model.weights_path = str(ckpt)
     return model, report
 
 # %% ../nbs/07a_evaluator.ipynb

@@ -17,17 +17,18 @@ from scipy.linalg import lapack
 from scipy.special import xlogy
 from tqdm.auto import tqdm
 
-from .core import Registry, UnknownNameError, atomic_write, atomic_write_json, config_key, file_hash, get_device
+from .core import Registry, UnknownNameError, atomic_write, atomic_write_json, file_hash, get_device
 from .accel import DistInfo, gather_batches
 from .data import sample_words
+from .cache import cached_asset
 
 # %% auto 0
 __all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'RESIZE_MODES', 'METRICS', 'METRIC_FAMILIES', 'feature_stats', 'frechet_distance',
            'inception_score', 'rprec_hits', 'fold_stats', 'r_precision', 'sample_mismatched', 'inception_search_paths',
            'find_inception_weights', 'make_fake_inception', 'to_uint8', 'check_inception_module', 'InceptionFeatures',
            'maybe_inception', 'save_stats', 'load_stats', 'run_pass', 'compute_reference_stats', 'MetricSpec',
-           'register_metric', 'n_tag', 'parse_n', 'register_family', 'get_metric', 'check_reference', 'fid_result',
-           'RPrecisionExtractor', 'pool_from_dataset', 'compute_metrics', 'write_metrics_json']
+           'MetricRegistry', 'register_metric', 'n_tag', 'parse_n', 'register_family', 'get_metric', 'check_reference',
+           'fid_result', 'RPrecisionExtractor', 'pool_from_dataset', 'compute_metrics', 'write_metrics_json']
 
 # %% ../nbs/07_metrics.ipynb
 def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
@@ -263,12 +264,14 @@ def _n_rows(pb: dict) -> int:
 def compute_reference_stats(batches, extractor, dataset: str, split: str, cache_dir, n: int | None = None,
                             key: str = "feats", device="cpu",
                             data_key: str | None = None) -> dict:  # fingerprint of the data (data.dataset_fingerprint)
-    "Statistics of real images' features for one dataset/split/protocol; computed once, then read from cache_dir."
-    proto = dict(dataset=dataset, split=split, n_max=n, **extractor.info(), **({"data": data_key} if data_key else {}))
-    path = Path(cache_dir) / f"{dataset}_{split}_{extractor.name}_{proto.get('resize', 'na')}_{config_key(proto)}.npz"
-    if path.exists(): return load_stats(path)
-    f = run_pass(batches, {"x": extractor}, n=n, device=device, desc=f"reference {dataset}/{split}")["x"][key]
-    return load_stats(save_stats(path, *feature_stats(f), n=len(f), **proto))
+    ("Statistics of real images' features for one dataset/split/protocol: computed once into a `cached_asset` "
+     "folder of `cache_dir`, then read.")
+    proto = dict(dataset=dataset, split=split, n_max=n, **extractor.info())
+    def build(folder):
+        f = run_pass(batches, {"x": extractor}, n=n, device=device, desc=f"reference {dataset}/{split}")["x"][key]
+        save_stats(folder / "stats.npz", *feature_stats(f), n=len(f), **proto, **({"data": data_key} if data_key else {}))
+    folder = cached_asset(cache_dir, f"stats_{dataset}_{split}_{extractor.name}", proto, build, data_key)
+    return load_stats(folder / "stats.npz")
 
 # %% ../nbs/07_metrics.ipynb
 @dataclass
@@ -280,7 +283,15 @@ class MetricSpec:
     reduce: Callable                  # (outputs: dict of arrays, extractor, ctx: dict) -> dict of result fields
     protocol: dict = field(default_factory=dict)   # fixed protocol facts, recorded in every result
 
-METRICS = Registry("metric")
+class MetricRegistry(Registry):
+    "The metric registry; its unknown-name error says where the SynthBirds metrics come from."
+    def __getitem__(self, name):
+        try: return super().__getitem__(name)
+        except UnknownNameError as e:
+            raise UnknownNameError(f"{e} (the SynthBirds metrics fid_sb_*, is_sb_*, semantic_acc_sb and consistency_sb "
+                                   f"are registered by importing t2i_nb.evaluator)") from None
+
+METRICS = MetricRegistry("metric")
 
 def register_metric(name: str, extractor: str, n: int | None = None, **protocol):
     "Decorator registering `reduce(outputs, extractor, ctx)` as metric `name`."
@@ -432,8 +443,6 @@ def _jsonable(v):
 def compute_metrics(names, batches, extractors: dict, refs: dict | None = None, seed: int = 0, device="cpu",
                     dist: DistInfo = DistInfo()) -> list[dict]:
     "Run ONE pass over the fakes feeding every extractor the named metrics need; one result dict per metric."
-    try: import t2i_nb.evaluator  # noqa: F401  (registers the SynthBirds metrics)
-    except ImportError: pass
     specs = [get_metric(k) for k in names]
     missing = {s.extractor for s in specs} - set(extractors)
     if missing:

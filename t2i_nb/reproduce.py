@@ -12,8 +12,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import Registry, get_device
-from .train import (TrainConfig, fixed_captions, generate, load_latest_checkpoint, build_models, make_config,
-                          prepare_assets, save_grid, train)
+from .config import TrainConfig, make_config
+from .archs import build_models
+from .assets import prepare_assets
+from .sampling import fixed_captions, generate, save_grid
+from .train import load_latest_checkpoint, train
 
 # %% auto 0
 __all__ = ['STUDIES', 'SEEDS', 'study_configs', 'is_done', 'StudyError', 'run_study', 'loss_grid']

@@ -16,7 +16,7 @@ from .data import _save_pickle, build_captions_pickle, tokenize
 # %% auto 0
 __all__ = ['COLOURS', 'PARTS', 'BACKGROUNDS', 'ATTRIBUTES', 'CAPTIONED', 'SPECIES', 'PART_NOUNS', 'BEAK_NOUNS', 'BEAK_WORDS',
            'SIZE_WORDS', 'ATTR_COLUMNS', 'make_species', 'draw_bird', 'make_caption', 'parse_caption',
-           'build_synth_birds', 'read_attributes']
+           'build_synth_birds', 'read_attributes', 'make_synth_birds']
 
 # %% ../nbs/01a_synthbirds.ipynb
 COLOURS = {"red": (200, 35, 35), "blue": (45, 80, 205), "yellow": (240, 205, 40), "green": (45, 150, 60),
@@ -253,3 +253,8 @@ def read_attributes(root) -> "pd.DataFrame":
     "attributes.csv of a SynthBirds folder as a DataFrame indexed by image key."
     import pandas as pd
     return pd.read_csv(Path(root) / "attributes.csv").set_index("key")
+
+# %% ../nbs/01a_synthbirds.ipynb
+def make_synth_birds(root, n_train: int = 2000, n_test: int = 500, img_size: int = 64, seed: int = 0, **kwargs) -> Path:
+    "Draw the SynthBirds dataset into `root` in the CUB layout (see `build_synth_birds`)."
+    return build_synth_birds(root, n_train=n_train, n_test=n_test, img_size=img_size, seed=seed, **kwargs)

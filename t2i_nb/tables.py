@@ -14,7 +14,7 @@ import pandas as pd
 from .core import Registry, atomic_write
 
 # %% auto 0
-__all__ = ['RUN_KEYS', 'SB_COLUMNS', 'LOSS_ORDER', 'PAPER_TABLES', 'PAPER_COLUMNS', 'SYNTH_STUDY', 'collect_runs',
+__all__ = ['RUN_KEYS', 'SB_COLUMNS', 'LOSS_ORDER', 'ARCH_ORDER', 'PAPER_TABLES', 'PAPER_COLUMNS', 'SYNTH_STUDY', 'collect_runs',
            'write_fake_run', 'Column', 'summarize', 'fmt', 'study_table', 'PaperRow', 'paper_table', 'study_plot',
            'write_tables']
 
@@ -77,9 +77,15 @@ SB_COLUMNS = (
     Column("semantic acc % ↑", r"semantic_acc_sb", 100, 1, True),
     Column("consistency ↑", r"consistency_sb", 1, 3, True),
 )
-LOSS_ORDER = ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap")
+LOSS_ORDER = ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap", "two_cap", "attngan", "attngan_cl")
+ARCH_ORDER = ("ssagan", "attngan", "style1_attngan", "style2_attngan")
 
 def _loss_rank(loss: str) -> tuple: return (LOSS_ORDER.index(loss) if loss in LOSS_ORDER else len(LOSS_ORDER), loss)
+
+def _row_rank(row: tuple) -> tuple:
+    "Order of (arch, loss) rows: architectures as in ARCH_ORDER, then loss presets as in LOSS_ORDER."
+    arch, loss = row
+    return (ARCH_ORDER.index(arch) if arch in ARCH_ORDER else len(ARCH_ORDER), arch, *_loss_rank(loss))
 
 def _md(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -90,21 +96,22 @@ def _best(means: pd.Series, higher: bool):
 
 # %% ../nbs/09_tables.ipynb
 def study_table(runs: pd.DataFrame, study: str, columns=SB_COLUMNS) -> str:
-    "Markdown table of one study: a row per loss preset, `mean ± std` per column, best mean in bold."
+    "Markdown table of one study: a row per (architecture, loss preset), `mean ± std` per column, best mean in bold."
     sub = runs[runs.study == study]
     if sub.empty: raise ValueError(f"no runs of study {study!r}; studies found: {sorted(runs.study.unique())}")
-    s = summarize(sub, keys=("loss",))
-    losses = sorted(s.loss.unique(), key=_loss_rank)
-    header, cells = ["loss preset", "seeds"], {l: [l, str(sub[sub.loss == l].seed.nunique())] for l in losses}
+    s = summarize(sub, keys=("arch", "loss"))
+    rows = sorted({(a, l) for a, l in zip(s.arch, s.loss)}, key=_row_rank)
+    seeds = sub.groupby(["arch", "loss"]).seed.nunique()
+    header, cells = ["architecture", "loss preset", "seeds"], {r: [*r, str(seeds[r])] for r in rows}
     for col in columns:
         for name in col.metrics(sub):
             header.append(f"{col.title} `{name}`")
-            t = s[s.metric == name].set_index("loss")
+            t = s[s.metric == name].set_index(["arch", "loss"])
             best = _best(t["mean"], col.higher_is_better)
-            for l in losses:
-                v = fmt(*t.loc[l, ["mean", "std", "n"]], col.scale, col.digits) if l in t.index else "—"
-                cells[l].append(f"**{v}**" if l == best else v)
-    return _md(header, [cells[l] for l in losses])
+            for r in rows:
+                v = fmt(*t.loc[r, ["mean", "std", "n"]], col.scale, col.digits) if r in t.index else "—"
+                cells[r].append(f"**{v}**" if r == best else v)
+    return _md(header, [cells[r] for r in rows])
 
 # %% ../nbs/09_tables.ipynb
 @dataclass(frozen=True)
@@ -121,8 +128,9 @@ class PaperRow:
 _COPIED = "IS and FID equal published numbers (copied); R re-measured"
 PAPER_TABLES = Registry("paper table", {
     "table1_cub": ("cub", "Table 1 (CUB)", (
-        PaperRow("AttnGAN", "4.36", "23.98", "58.06", note=_COPIED + " (AttnGAN's own R is 67.82)"),
-        PaperRow("AttnGAN + CL", "4.42", "16.34", "60.52", note=_COPIED + " (Ye et al. 2021)"),
+        PaperRow("AttnGAN", "4.36", "23.98", "58.06", "attngan", "attngan",
+                 note=_COPIED + " (AttnGAN's own R is 67.82)"),
+        PaperRow("AttnGAN + CL", "4.42", "16.34", "60.52", "attngan", "attngan_cl", note=_COPIED + " (Ye et al. 2021)"),
         PaperRow("Style1AttnGAN", "4.20", "36.82", "61.25"),
         PaperRow("Style1AttnGAN + CL (F2F)", "3.09", "41.32", "62.30"),
         PaperRow("Style2AttnGAN + CL (R2F)", "3.59", "38.51", "64.53"),
@@ -133,8 +141,10 @@ PAPER_TABLES = Registry("paper table", {
         PaperRow("SSAGAN + CL (R2F+F2F+R)", "5.03", "9.16", "72.28", "ssagan", "f2f_r2f_cap"),
     )),
     "table2_coco": ("coco", "Table 2 (COCO)", (
-        PaperRow("AttnGAN", "6.08", "30.67", "83.8", note="IS about 4x below every standard COCO IS (25-35)"),
-        PaperRow("AttnGAN + CL", "6.29", "26.89", "84.24", note="IS about 4x below every standard COCO IS"),
+        PaperRow("AttnGAN", "6.08", "30.67", "83.8", "attngan", "attngan",
+                 note="IS about 4x below every standard COCO IS (25-35)"),
+        PaperRow("AttnGAN + CL", "6.29", "26.89", "84.24", "attngan", "attngan_cl",
+                 note="IS about 4x below every standard COCO IS"),
         PaperRow("SSAGAN", "7.18", "19.37", "82.45", "ssagan", "none",
                  "FID equals SSA-GAN's paper (copied); IS, R re-measured"),
         PaperRow("SSAGAN + CL (R2F)", "7.6", "12.08", "85.20", "ssagan", "r2f"),
@@ -174,18 +184,22 @@ def paper_table(runs: pd.DataFrame, name: str) -> str:
 
 # %% ../nbs/09_tables.ipynb
 def study_plot(runs: pd.DataFrame, study: str, path, columns=SB_COLUMNS) -> Path:
-    "Seaborn panels, one per metric of `columns`: mean ± std bars per loss preset and the seeds as dots."
+    "Seaborn panels, one per metric of `columns`: mean ± std bars per (architecture, loss preset), seeds as dots."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt, seaborn as sns
-    sub = runs[runs.study == study]
+    sub = runs[runs.study == study].assign(row=lambda x: x.arch + " · " + x.loss)
     panels = [(c, m) for c in columns for m in c.metrics(sub)]
-    order = sorted(sub.loss.unique(), key=_loss_rank)
-    fig, axs = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 3.2), squeeze=False)
+    pairs = sorted({(a, l) for a, l in zip(sub.arch, sub.loss)}, key=_row_rank)
+    order = [f"{a} · {l}" for a, l in pairs]
+    colors = dict(zip(ARCH_ORDER, ("#9ecae1", "#fdae6b", "#a1d99b", "#bcbddc")))
+    palette = {f"{a} · {l}": colors.get(a, "#cccccc") for a, l in pairs}
+    fig, axs = plt.subplots(1, len(panels), figsize=(max(3.1, 0.45 * len(order)) * len(panels), 3.6), squeeze=False)
     for ax, (col, name) in zip(axs[0], panels):
         d = sub[sub.metric == name].assign(value=lambda x: x.value * col.scale)
-        sns.barplot(data=d, x="loss", y="value", order=order, errorbar="sd", ax=ax, color="#9ecae1", capsize=0.2)
+        sns.barplot(data=d, x="row", y="value", order=order, errorbar="sd", ax=ax, hue="row", palette=palette,
+                    legend=False, capsize=0.2)
         # no random jitter: the PNG is reproducible
-        sns.stripplot(data=d, x="loss", y="value", order=order, ax=ax, color="k", size=3.5, jitter=False)
+        sns.stripplot(data=d, x="row", y="value", order=order, ax=ax, color="k", size=3.5, jitter=False)
         ax.set_title(f"{col.title}\n{name}", fontsize=9); ax.set_xlabel(""); ax.set_ylabel("")
         ax.tick_params(axis="x", rotation=40, labelsize=8)
     fig.suptitle(f"{study}: mean ± std over seeds (dots: seeds)", fontsize=10)
@@ -201,8 +215,8 @@ def write_tables(root="results", out_dir=None, synth_study: str = SYNTH_STUDY) -
     runs, out = collect_runs(root), Path(out_dir or root)
     texts = {f"{name}.md": paper_table(runs, name) for name in PAPER_TABLES}
     if (runs.study == synth_study).any():
-        texts["table_synthbirds.md"] = (f"SynthBirds study `{synth_study}`: SSA-GAN per loss preset, mean ± std over "
-                                        f"seeds; best mean in bold\n\n" + study_table(runs, synth_study))
+        texts["table_synthbirds.md"] = (f"SynthBirds study `{synth_study}`: every architecture and loss preset, "
+                                        f"mean ± std over seeds; best mean in bold\n\n" + study_table(runs, synth_study))
     paths = {}
     for name, text in texts.items():
         with atomic_write(out / name) as tmp: Path(tmp).write_text(text)

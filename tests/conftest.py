@@ -3,7 +3,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from t2i_nb.data import make_synth_birds
+from t2i_nb.synthbirds import make_synth_birds
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from t2i_nb.cost import (N_TRAIN, TFLOPS, cost_plan, cost_table, flops_per_iteration, iterations, lstm_flops)
 from t2i_nb.ssagan import SSAGenerator
-from t2i_nb.train import TRAIN_PRESETS
+from t2i_nb.config import TRAIN_PRESETS
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from t2i_nb.train import make_config, prepare_assets, train
+from t2i_nb.assets import prepare_assets
+from t2i_nb.config import make_config
+from t2i_nb.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -178,7 +178,7 @@ def test_synth_birds_attributes_agree_with_captions(synth_birds):
 
 
 def test_synth_birds_is_deterministic(tmp_path):
-    from t2i_nb.data import make_synth_birds
+    from t2i_nb.synthbirds import make_synth_birds
     a = make_synth_birds(tmp_path / "a", n_train=6, n_test=2, seed=3, progress=False)
     b = make_synth_birds(tmp_path / "b", n_train=6, n_test=2, seed=3, progress=False)
     c = make_synth_birds(tmp_path / "c", n_train=6, n_test=2, seed=4, progress=False)

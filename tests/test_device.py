@@ -15,7 +15,10 @@ from t2i_nb.encoders import SmallImageEncoder
 from t2i_nb.evaluator import SBEvaluator, SBFeatures
 from t2i_nb.losses import LOSS_PRESETS, loss_config
 from t2i_nb.metrics import RPrecisionExtractor
-from t2i_nb.train import ARCHS, Encoders, build_models, generate, load_latest_checkpoint, make_config, train_step
+from t2i_nb.archs import ARCHS, Encoders, build_models, train_step
+from t2i_nb.config import make_config
+from t2i_nb.sampling import generate
+from t2i_nb.train import load_latest_checkpoint
 
 CUDA = torch.device("cuda")
 N_WORDS, B, L = 40, 4, 7

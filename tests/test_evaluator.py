@@ -1,26 +1,38 @@
 "SynthBirds evaluator: it learns the attributes; FID_SB, semantic accuracy and consistency behave as the issue requires."
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from t2i_nb.data import TextImageDataset, make_synth_birds
-from t2i_nb.evaluator import (EvaluatorConfig, SBFeatures, chance_accuracy, consistency, dataset_batches, evaluator_dir,
-                              predict, read_caption_attributes, train_evaluator)
+from t2i_nb.cache import cached_asset
+from t2i_nb.core import to_dict
+from t2i_nb.data import TextImageDataset, dataset_fingerprint
+from t2i_nb.evaluator import (ARCH_VERSION, EvaluatorConfig, SBFeatures, chance_accuracy, consistency, dataset_batches,
+                              load_evaluator, predict, read_caption_attributes, train_evaluator)
 from t2i_nb.metrics import METRICS, compute_metrics, compute_reference_stats, get_metric
-from t2i_nb.synthbirds import ATTRIBUTES, CAPTIONED, read_attributes
+from t2i_nb.synthbirds import ATTRIBUTES, CAPTIONED, make_synth_birds, read_attributes
 
 CFG = EvaluatorConfig(epochs=8, batch_size=32)
 
 
 @pytest.fixture(scope="module")
 def sb(tmp_path_factory):
-    "A small SynthBirds build and an evaluator trained on it (shared by the tests of this file)."
+    "A small SynthBirds build and an evaluator trained on it, cached as runs cache it (shared by the tests of this file)."
     root = make_synth_birds(tmp_path_factory.mktemp("sbe"), n_train=400, n_test=100, progress=False)
-    model, report = train_evaluator(root, CFG, progress=False)
+    folder = evaluator_asset(root, tmp_path_factory.mktemp("cache"),
+                             lambda out: train_evaluator(root, CFG, out_dir=out, progress=False))
+    model, report = load_evaluator(folder)
     dte = TextImageDataset(root, "test", 64, augment=False)
     dtr = TextImageDataset(root, "train", 64, augment=False)
     return root, model, report, dte, dtr, SBFeatures(model, ixtoword=dte.ixtoword)
+
+
+def evaluator_asset(root, cache_dir, build):
+    "The evaluator's folder in the asset cache, keyed like `t2i_nb.assets._synth_evaluator` does it."
+    return cached_asset(cache_dir, "evaluator", dict(to_dict(CFG), arch_version=ARCH_VERSION), build,
+                        dataset_fingerprint(root))
 
 
 def test_evaluator_learns_attributes_and_is_cached(sb):
@@ -28,9 +40,11 @@ def test_evaluator_learns_attributes_and_is_cached(sb):
     acc = report["test_accuracy"]
     assert set(acc) == {"species", *ATTRIBUTES} and report["n_train"] == 400 and report["n_test"] == 100
     assert min(acc[a] for a in ("crown", "wing", "belly", "tail", "size", "background")) >= 0.8, acc
-    ckpt = evaluator_dir(root, CFG) / "evaluator.pt"
-    assert ckpt.exists() and (ckpt.parent / "evaluator.json").exists()
-    again, rep2 = train_evaluator(root, CFG)                          # loaded from the cache, same weights
+    ckpt = Path(model.weights_path)
+    assert ckpt.name == "evaluator.pt" and (ckpt.parent / "evaluator.json").exists() and (ckpt.parent / "asset.json").exists()
+    def never(out): raise AssertionError("the cached evaluator was trained again")
+    assert evaluator_asset(root, ckpt.parent.parent, never) == ckpt.parent     # read from the cache, not retrained
+    again, rep2 = load_evaluator(ckpt.parent)
     assert rep2 == report and torch.equal(again.heads["wing"].weight, model.heads["wing"].weight)
 
 

@@ -102,7 +102,8 @@ def test_r2f_gradients_reach_fakes_only(image_encoder):
 @pytest.fixture(scope="module")
 def trained_captioner(tmp_path_factory):
     "A tiny captioner trained for a few seconds on a small SynthBirds, frozen; and a batch of real test items."
-    from t2i_nb.data import TextImageDataset, epoch_loader, make_synth_birds
+    from t2i_nb.data import TextImageDataset, epoch_loader
+    from t2i_nb.synthbirds import make_synth_birds
     root = make_synth_birds(tmp_path_factory.mktemp("sb") / "sb", n_train=192, n_test=32, img_size=64, seed=0, progress=False)
     torch.manual_seed(0)
     ds = TextImageDataset(root, "train", img_size=32, augment=False, cache_images=True)

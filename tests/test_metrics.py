@@ -1,5 +1,6 @@
 "Metrics: Fréchet distance, IS and R-precision against independent references; one pass vs two passes; protocol records."
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +154,23 @@ def test_protocol_mismatch_and_unknown_names_are_errors(fake_inception, tmp_path
     with pytest.raises(KeyError, match="or a name matching"): get_metric("fid_bicubic_30k_test")
     assert get_metric("fid_legacy_pytorch_2500_test").n == 2500 and get_metric("is_inception_7k").n == 7000
     with pytest.raises(ValueError, match="need extractors"): compute_metrics(["is_inception_120"], None, {})
+
+
+def test_reference_stats_are_cached_assets(fake_inception, tmp_path):
+    "One cached_asset folder per (dataset, split, protocol, data key); the second call reads it without a pass."
+    inc = InceptionFeatures(fake_inception, mode="clean")
+    ref = compute_reference_stats(lambda: _images(30, 30, seed=1), inc, "noise", "test", tmp_path, data_key="data-a")
+    folder = Path(ref["path"]).parent
+    assert Path(ref["path"]).name == "stats.npz" and folder.name.startswith("stats_noise_test_inception-")
+    meta = json.loads((folder / "asset.json").read_text())
+    assert meta["data"] == "data-a" and meta["config"]["resize"] == "clean" and ref["data"] == "data-a"
+    assert compute_reference_stats(None, inc, "noise", "test", tmp_path, data_key="data-a")["path"] == ref["path"]
+    other = compute_reference_stats(lambda: _images(30, 30, seed=1), inc, "noise", "test", tmp_path, data_key="data-b")
+    assert Path(other["path"]).parent != folder and np.allclose(other["mu"], ref["mu"])
+
+
+def test_unknown_metric_error_says_where_synthbirds_metrics_come_from():
+    with pytest.raises(KeyError, match="registered by importing t2i_nb.evaluator"): METRICS["semantic_acc_sbx"]
 
 
 def test_results_are_flat_json(tmp_path):

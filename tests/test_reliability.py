@@ -11,8 +11,9 @@ from PIL import Image
 from t2i_nb.core import NonFiniteLossError
 from t2i_nb.data import DataCheckError, TextImageDataset, load_image, preflight, write_fixture
 from t2i_nb.files import RunLockedError, UntrustedFileError
-from t2i_nb.train import (Callback, CheckpointError, CheckpointWarning, load_run, make_config, prepare_assets,
-                          train)
+from t2i_nb.assets import prepare_assets
+from t2i_nb.config import make_config
+from t2i_nb.train import Callback, CheckpointError, CheckpointWarning, load_run, train
 
 from conftest import tiny_run_settings
 

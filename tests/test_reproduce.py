@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 from t2i_nb.reproduce import StudyError, is_done, loss_grid, run_study, study_configs
-from t2i_nb.train import make_config, prepare_assets, read_metrics
+from t2i_nb.assets import prepare_assets
+from t2i_nb.config import make_config
+from t2i_nb.train import read_metrics
 
 
 @pytest.fixture(scope="module")

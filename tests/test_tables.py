@@ -17,11 +17,12 @@ def test_committed_tables_are_regenerated_identically_from_committed_metrics(tmp
         assert paths[name].read_text() == (ROOT / "results" / name).read_text(), f"results/{name} is stale: run nbs/tables.ipynb"
 
 
-def test_committed_synthbirds_study_has_five_presets_by_three_seeds():
+def test_committed_synthbirds_study_has_every_row_with_the_same_three_seeds():
     runs = collect_runs(ROOT / "results")
     study = runs[runs.study == SYNTH_STUDY]
-    seeds = study.groupby("loss").seed.nunique()
-    assert dict(seeds) == {l: 3 for l in ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap")}
+    seeds = study.groupby(["arch", "loss"]).seed.apply(lambda s: tuple(sorted(set(s))))
+    rows = [("ssagan", l) for l in ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap")] + [("attngan", "attngan"), ("attngan", "attngan_cl")]
+    assert dict(seeds) == {r: (100, 101, 102) for r in rows}
 
 
 @pytest.fixture
@@ -40,7 +41,10 @@ def study(tmp_path):
 
 def test_study_table_cells_are_mean_and_sample_std_over_seeds(study):
     root, vals = study
-    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in study_table(collect_runs(root), SYNTH_STUDY).splitlines()[2:]}
+    lines = study_table(collect_runs(root), SYNTH_STUDY).splitlines()
+    assert lines[0].startswith("| architecture | loss preset | seeds |")
+    rows = {r.split(" | ")[1]: r.split(" | ")[1:] for r in lines[2:]}
+    assert all(r.startswith("| ssagan | ") for r in lines[2:])
     for loss, runs in vals.items():
         fid = np.array([r["fid_sb_1k_test"] for r in runs]); rp = np.array([r["rprec_100_heldout"] for r in runs]) * 100
         assert rows[loss][1] == "3"

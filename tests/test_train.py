@@ -8,14 +8,17 @@ import torch
 
 from t2i_nb.core import NonFiniteLossError
 from t2i_nb.data import DataLayoutError
-from t2i_nb.train import Callback, CheckpointWarning, make_config, prepare_assets, train
+from t2i_nb.assets import prepare_assets
+from t2i_nb.config import make_config
+from t2i_nb.train import Callback, CheckpointWarning, train
 
 from conftest import tiny_run_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, os, signal, sys
-from t2i_nb.train import Callback, make_config, train
+from t2i_nb.config import make_config
+from t2i_nb.train import Callback, train
 kw, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
 class KillAt(Callback):
     def after_step(self, run):
