@@ -74,9 +74,10 @@ def fake_batch(mode: FakeTensorMode, batch_size: int, img_size: int, words: int 
                     caption2=cap(), cap_len2=torch.full((B,), words), class_id=torch.arange(B))
 
 def fake_setup(cfg: TrainConfig, mode: FakeTensorMode, n_words: int | None = None):
-    "`(models, Encoders)` of `cfg` whose parameters are fake CPU tensors (built on `meta`: no memory, no init)."
+    ("`(models, Encoders)` of `cfg` whose parameters are fake CPU tensors (built on `meta`: no memory, no init; "
+     "no EMA copy: its per-step lerp is not counted).")
     text, image = damsm_encoders(cfg, n_words)
-    with torch.device("meta"): m = build_models(cfg, "meta"); image = image.to("meta")
+    with torch.device("meta"): m = build_models(replace(cfg, ema_decay=0.0), "meta"); image = image.to("meta")
     for net, opt in ((m.G, m.optG), (m.D, m.optD)): _repoint(opt, _to_fake(net, mode))
     _to_fake(image, mode)
     return m, Encoders(ShapeOnlyText(text, mode), image)

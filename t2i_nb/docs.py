@@ -67,9 +67,9 @@ def _clean(path: Path):
 
 # %% ../nbs/10_docs.ipynb
 def export_docs_assets(run_dir, out="results/docs") -> Path:
-    ("A finished SynthBirds run's generator (int8, `quantize`) and DAMSM pair (fp16) into `out`, "
-     "for the notebooks' figures.")
-    import shutil, torch
+    ("A finished SynthBirds run's generator (int8, `quantize`; EMA weights if any) and DAMSM pair (fp16) into `out`, "
+     "for the notebooks' figures; another architecture's generator and text encoder go to `out/<arch>/`.")
+    import torch
     from t2i_nb.core import atomic_torch_save, atomic_write_json
     from t2i_nb.train import load_latest_checkpoint
     run_dir, out = Path(run_dir), Path(out)
@@ -78,21 +78,24 @@ def export_docs_assets(run_dir, out="results/docs") -> Path:
     if found is None:
         raise FileNotFoundError(f"no readable checkpoint in {run_dir / 'checkpoints'}: train the run first")
     G = found[0]["G_ema"] if found[0].get("G_ema") is not None else found[0]["G"]
+    arch, damsm = cfg["config"]["arch"], cfg["assets"]["damsm"]
+    if arch != "ssagan":                    # beside the SSA-GAN snapshot, with the text encoder it was trained with
+        if json.loads((out / "info.json").read_text()).get("data_fingerprint") != cfg["assets"].get("data_fingerprint"):
+            raise ValueError(f"{run_dir} was trained on another SynthBirds build than the snapshot in {out}")
+        out = out / arch
+    fp16 = lambda src: {k: v.half() if v.is_floating_point() else v for k, v in torch.load(src, weights_only=True).items()}
+    atomic_torch_save(fp16(damsm["text"]), out / "text_encoder.pth")
+    if arch == "ssagan":
+        atomic_torch_save(fp16(damsm["image"]), out / "image_encoder.pth")
+        meta = Path(damsm["text"]).parent / "damsm.json"      # the image encoder's sizes
+        if meta.exists():
+            atomic_write_json({"image_encoder_kwargs": json.loads(meta.read_text()).get("image_encoder_kwargs", {})},
+                              out / "damsm.json")
     atomic_torch_save(quantize(G), out / "G.pt")
-    for name, src in (("text_encoder.pth", cfg["assets"]["damsm"]["text"]),
-                      ("image_encoder.pth", cfg["assets"]["damsm"]["image"])):
-        atomic_torch_save({k: v.half() if v.is_floating_point() else v
-                           for k, v in torch.load(src, weights_only=True).items()},
-                          out / name)
-    meta = Path(cfg["assets"]["damsm"]["text"]).parent / "damsm.json"      # the image encoder's sizes
-    if meta.exists():
-        atomic_write_json({"image_encoder_kwargs": json.loads(meta.read_text()).get("image_encoder_kwargs", {})},
-                          out / "damsm.json")
     keep = {k: cfg["config"][k] for k in ("dataset", "arch", "loss", "img_size", "ngf", "ndf", "seed", "epochs",
-                                          "n_train", "n_test")}
-    atomic_write_json(dict(run=run_dir.name, step=found[0]["step"], config=keep,
-                           data_fingerprint=cfg["assets"].get("data_fingerprint")),
-                      out / "info.json")
+                                          "n_train", "n_test", "arch_opts") if k in cfg["config"]}
+    atomic_write_json(dict(run=run_dir.name, step=found[0]["step"], config=keep, damsm=damsm["text"],
+                           data_fingerprint=cfg["assets"].get("data_fingerprint")), out / "info.json")
     return out
 
 def quantize(sd: dict) -> dict:
@@ -111,14 +114,16 @@ def dequantize(sd: dict) -> dict:
     return {k: v["q"].float() * v["scale"].view(-1, *[1] * (v["q"].dim() - 1)) if isinstance(v, dict)
             else v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
-def docs_assets(root="..", data_dir=None) -> dict:
-    "The committed snapshot (`results/docs/`) loaded: G, text_enc, img_enc, the SynthBirds test split, info."
+def docs_assets(root="..", data_dir=None, arch: str = "ssagan") -> dict:
+    "The committed snapshot (`results/docs/`) loaded: G (of `arch`), text_enc, img_enc, the SynthBirds test split, info."
     import torch
     from t2i_nb.data import TextImageDataset, dataset_fingerprint
     from t2i_nb.synthbirds import make_synth_birds
     from t2i_nb.damsm import load_damsm
     from t2i_nb.files import safe_torch_load
-    from t2i_nb.ssagan import SSAGenerator
+    from dataclasses import replace
+    from t2i_nb.archs import build_models
+    from t2i_nb.config import TrainConfig
     root = Path(root); src = root / "results" / "docs"
     info = json.loads((src / "info.json").read_text()); c = info["config"]
     data_dir = Path(data_dir or root / "data" / "synth_birds")
@@ -126,9 +131,14 @@ def docs_assets(root="..", data_dir=None) -> dict:
     if info.get("data_fingerprint") and dataset_fingerprint(data_dir) != info["data_fingerprint"]:
         raise ValueError(f"{data_dir} is not the SynthBirds build the snapshot was trained on (fingerprints differ)")
     test = TextImageDataset(data_dir, "test", img_size=c["img_size"])
-    G = SSAGenerator(ngf=c["ngf"], img_size=c["img_size"])
-    G.load_state_dict(dequantize(safe_torch_load(src / "G.pt")))
+    g_dir = src if arch == "ssagan" else src / arch
+    if arch != "ssagan": info = json.loads((g_dir / "info.json").read_text())
+    G = build_models(replace(TrainConfig(), **info["config"]), "cpu").G
+    G.load_state_dict(dequantize(safe_torch_load(g_dir / "G.pt")))
     t, i = load_damsm(src / "text_encoder.pth", test.n_words)          # fp16 on disk; loaded into fp32 encoders
+    if arch != "ssagan":                                               # the text encoder G was trained with
+        from t2i_nb.encoders import load_text_encoder
+        t = load_text_encoder(g_dir / "text_encoder.pth", test.n_words).eval().requires_grad_(False)
     return dict(G=G.eval(), text_enc=t, img_enc=i, test=test, info=info)
 
 # %% ../nbs/10_docs.ipynb

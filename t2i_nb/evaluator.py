@@ -21,9 +21,10 @@ from .synthbirds import ATTRIBUTES, CAPTIONED, SPECIES, parse_caption, read_attr
 from .files import safe_torch_load
 
 # %% auto 0
-__all__ = ['HEADS', 'ARCH_VERSION', 'attribute_labels', 'load_split', 'SBEvaluator', 'EvaluatorConfig', 'augment', 'predict',
-           'head_accuracy', 'load_evaluator', 'train_evaluator', 'state_hash', 'read_caption_attributes', 'SBFeatures',
-           'semantic_accuracy', 'consistency', 'dataset_batches', 'chance_accuracy']
+__all__ = ['HEADS', 'ARCH_VERSION', 'OPEN_ALWAYS', 'attribute_labels', 'load_split', 'SBEvaluator', 'EvaluatorConfig', 'augment',
+           'predict', 'head_accuracy', 'load_evaluator', 'train_evaluator', 'state_hash', 'read_caption_attributes',
+           'SBFeatures', 'semantic_accuracy', 'consistency', 'pairwise_spread', 'open_attributes', 'diversity_report',
+           'dataset_batches', 'chance_accuracy']
 
 # %% ../nbs/07a_evaluator.ipynb
 HEADS = {"species": len(SPECIES), **{a: len(v) for a, v in ATTRIBUTES.items()}}
@@ -238,6 +239,34 @@ def consistency(feats, feats2, seed: int = 0) -> dict:
     partner = perm[(torch.argsort(perm) + 1) % n]
     pos, neg = (a * b).sum(1).mean().item(), (a * b[partner]).sum(1).mean().item()
     return dict(value=pos - neg, pos=pos, neg=neg, ratio=pos / neg if neg else None)
+
+# %% ../nbs/07a_evaluator.ipynb
+OPEN_ALWAYS = ("facing", "background")   # attributes no SynthBirds caption mentions (size: when it does not)
+
+def pairwise_spread(labels) -> float:
+    "Share of pairs (i < j) whose labels differ: 1 - Σ n_c(n_c - 1) / (n(n - 1)) (0: all equal)."
+    labels = np.asarray(labels).ravel()
+    n = len(labels)
+    if n < 2: raise ValueError("a spread needs at least 2 labels")
+    counts = np.unique(labels, return_counts=True)[1]
+    return 1.0 - float((counts * (counts - 1)).sum()) / (n * (n - 1))
+
+def open_attributes(said: dict) -> tuple:
+    "Attributes a caption (parsed by `parse_caption`) leaves open."
+    return OPEN_ALWAYS + (() if "size" in said else ("size",))
+
+def diversity_report(fake: dict, real: dict, open_sets: list) -> dict:
+    ("`fake`, `real`: attribute -> K×M predicted values (K captions, M fakes / real images each); `open_sets`: "
+     "the open attributes of each caption. Mean spread of the fakes over the real images' (value), per attribute.")
+    out, f_all, r_all = {}, [], []
+    for a in OPEN_ALWAYS + ("size",):
+        ks = [k for k, s in enumerate(open_sets) if a in s]
+        if not ks: continue
+        f = [pairwise_spread(fake[a][k]) for k in ks]; r = [pairwise_spread(real[a][k]) for k in ks]
+        out[f"spread_fake_{a}"], out[f"spread_real_{a}"] = float(np.mean(f)), float(np.mean(r))
+        f_all += f; r_all += r
+    fake_m, real_m = float(np.mean(f_all)), float(np.mean(r_all))
+    return dict(value=fake_m / real_m if real_m > 0 else float("nan"), spread_fake=fake_m, spread_real=real_m, **out)
 
 # %% ../nbs/07a_evaluator.ipynb
 def _fid_sb(outs, ex, ctx, split):

@@ -22,10 +22,12 @@ from .train import load_latest_checkpoint, train
 __all__ = ['STUDIES', 'SEEDS', 'study_configs', 'is_done', 'StudyError', 'run_study', 'loss_grid']
 
 # %% ../nbs/08a_reproduce.ipynb
-STUDIES = Registry("study preset", {
-    "synth_birds": ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap"),
-    "cub": ("none", "f2f", "f2f_r2f"),      # Table 1's SSA-GAN rows (re-captioning needs a CUB captioner)
-    "coco": ("none", "r2f", "f2f_r2f"),     # Table 2's SSA-GAN rows
+STUDIES = Registry("study preset", {             # dataset -> architecture -> its rows' loss presets
+    "synth_birds": {"ssagan": ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap"), "attngan": ("attngan", "attngan_cl")},
+    "cub": {"ssagan": ("none", "f2f", "f2f_r2f"),     # Table 1's rows (re-captioning needs a CUB captioner)
+            "attngan": ("attngan", "attngan_cl")},
+    "coco": {"ssagan": ("none", "r2f", "f2f_r2f"),    # Table 2's rows
+             "attngan": ("attngan", "attngan_cl")},
 })
 SEEDS = (100, 101, 102)
 
@@ -33,7 +35,10 @@ def study_configs(dataset: str = "synth_birds", losses=None, seeds=SEEDS, out_di
                   arch: str = "ssagan", **overrides) -> list[TrainConfig]:
     ("One validated config per (seed, loss preset), seed-major, "
      "written under `<out_dir>/<dataset>/<arch>-<loss>-s<seed>`.")
-    losses = tuple(losses or STUDIES[dataset])
+    rows = STUDIES[dataset]
+    if not losses and arch not in rows:
+        raise ValueError(f"study {dataset!r} has no rows for arch {arch!r} (it has {', '.join(rows)}): pass losses=")
+    losses = tuple(losses or rows[arch])
     cfgs = [make_config(dataset, arch=arch, loss=loss, seed=int(s), out_dir=f"{out_dir}/{dataset}",
                         run_name=f"{arch}-{loss}-s{s}", **overrides) for s in seeds for loss in losses]
     if any(c.n_eval == 0 for c in cfgs): raise ValueError("a study compares metrics: n_eval must be > 0")
@@ -98,7 +103,7 @@ def run_study(cfgs: list[TrainConfig], workers: int = 1, threads: int | None = N
 # %% ../nbs/08a_reproduce.ipynb
 @torch.no_grad()
 def loss_grid(cfgs: list[TrainConfig], path, n: int = 8, noise_seed: int = 0, device=None) -> Path:
-    "PNG grid: real test images, then one row per run of `cfgs` for the same `n` test captions and noise."
+    "PNG grid: real test images, then one row per run of `cfgs` (its EMA G if any) for the same captions and noise."
     device = get_device(device or cfgs[0].device)
     assets = prepare_assets(_asset_config(cfgs), device)
     fixed = fixed_captions(assets.test, n)
@@ -108,8 +113,9 @@ def loss_grid(cfgs: list[TrainConfig], path, n: int = 8, noise_seed: int = 0, de
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {cfg.run_dir / 'checkpoints'}: run the study first")
         m = build_models(cfg, device); m.G.load_state_dict(found[0]["G"])
+        if m.ema is not None and found[0].get("G_ema") is not None: m.ema.load_state_dict(found[0]["G_ema"])
         z = torch.randn(len(fixed["text"]), m.arch_cfg.nz, generator=torch.Generator().manual_seed(noise_seed))
-        rows.append(generate(m.G, assets.text_enc, fixed["caption"], fixed["cap_len"], z, device))
-        labels.append(cfg.loss)
+        rows.append(generate(m.G_eval, assets.text_enc, fixed["caption"], fixed["cap_len"], z, device))
+        labels.append(cfg.loss if len({c.arch for c in cfgs}) == 1 else f"{cfg.arch}\n{cfg.loss}")
     return save_grid(rows, fixed["text"], path, labels,
                      f"{cfgs[0].dataset}, seed {cfgs[0].seed}: same captions and noise per row")

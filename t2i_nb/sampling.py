@@ -27,12 +27,16 @@ def fixed_captions(ds: TextImageDataset, n: int = 8) -> dict:
                 text=[ds.decode(c) for c in caps], real=torch.stack([it["img"] for it in items]))
 
 @torch.no_grad()
-def generate(G, text_enc, caption, cap_len, noise, device="cpu") -> torch.Tensor:
-    "Images (CPU, [-1, 1]) of any architecture's `G` (its `final_image`) in eval mode for captions and noise."
+def generate(G, text_enc, caption, cap_len, noise, device="cpu", seed: int | None = None) -> torch.Tensor:
+    ("Images (CPU, [-1, 1]) of any architecture's `G` (its `final_image`) in eval mode for captions and noise; "
+     "with `seed`, G's own randomness (AttnGAN's CA sampling, style noise) is seeded and the caller's RNG untouched.")
     G = unwrap(G); was = G.training; G.eval()
-    words, sent = text_enc(caption.to(device), cap_len.to(device))
-    mask = ~word_mask(cap_len, words.shape[2], words.device)          # True at padding words
-    img = G.final_image(noise.to(device), sent, words, mask).cpu()
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+        if seed is not None: torch.manual_seed(seed)
+        words, sent = text_enc(caption.to(device), cap_len.to(device))
+        mask = ~word_mask(cap_len, words.shape[2], words.device)      # True at padding words
+        img = G.final_image(noise.to(device), sent, words, mask).cpu()
     G.train(was)
     return img
 

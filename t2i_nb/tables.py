@@ -76,6 +76,7 @@ SB_COLUMNS = (
     Column("R-prec % ↑", r"rprec_100_heldout", 100, 1, True),
     Column("semantic acc % ↑", r"semantic_acc_sb", 100, 1, True),
     Column("consistency ↑", r"consistency_sb", 1, 3, True),
+    Column("diversity ↑", r"diversity_sb", 1, 2, True),      # fakes' spread of open attributes / real birds'
 )
 LOSS_ORDER = ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap", "two_cap", "attngan", "attngan_cl")
 ARCH_ORDER = ("ssagan", "attngan", "style1_attngan", "style2_attngan")

@@ -111,3 +111,40 @@ def test_consistency_and_is_sb(sb):
     assert get_metric("fid_sb_1500_test").n == 1500 and get_metric("is_sb_300").protocol == dict(splits=10)
     with pytest.raises(ValueError, match="needs batches with 'img2'"):
         compute_metrics(["consistency_sb"], dataset_batches(dte, 50), {"sb": sbx})
+
+
+class _ByCaption(torch.nn.Module):
+    "Stand-in text encoder: the sentence vector is the one-hot species of the test image the caption belongs to."
+    def __init__(self, ds):
+        super().__init__()
+        self.cls = {tuple(t for t in ds.caption_ids(i, j) if t): int(ds.class_ids[i]) for i in range(len(ds))
+                    for j in range(ds.C)}
+        self.n = int(ds.class_ids.max()) + 1
+    def forward(self, caps, lens):
+        c = torch.tensor([self.cls[tuple(int(t) for t in row if t)] for row in caps])
+        return torch.zeros(len(caps), 4, caps.shape[1]), F.one_hot(c, self.n).float()
+
+
+class _RealBirds(torch.nn.Module):
+    "Stand-in generator: a real test image of the caption's species, chosen by the noise (or always the first one)."
+    def __init__(self, ds, use_noise=True):
+        super().__init__()
+        self.imgs, self.cls, self.use_noise = torch.stack([ds[i]["img"] for i in range(len(ds))]), ds.class_ids, use_noise
+    def final_image(self, noise, sent, words, mask):
+        out = []
+        for z, s in zip(noise, sent.argmax(1)):
+            idx = np.flatnonzero(self.cls == int(s))
+            out.append(self.imgs[idx[int(abs(z[0]) * 1e4) % len(idx)] if self.use_noise else idx[0]])
+        return torch.stack(out)
+
+
+def test_diversity_is_zero_for_one_image_per_caption_and_near_one_for_real_birds(sb):
+    from t2i_nb.assets import Assets
+    from t2i_nb.evaluation import diversity_sb
+    root, model, _, dte, *_ = sb
+    a = Assets(dte, dte, _ByCaption(dte), None, evaluator=model)
+    same = diversity_sb(_RealBirds(dte, use_noise=False), a, n_captions=30, n_noise=8, nz=4)
+    assert same["spread_fake"] == 0 and same["value"] == 0 and same["spread_real"] > 0.3
+    real = diversity_sb(_RealBirds(dte), a, n_captions=30, n_noise=8, nz=4)
+    assert 0.8 < real["value"] < 1.2, real
+    assert set(real) >= {"spread_fake_facing", "spread_real_background", "protocol_n_noise"}

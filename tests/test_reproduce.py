@@ -64,7 +64,7 @@ def test_reproduce_notebook_runs_a_tiny_study(tiny, tmp_path, papermill):
     r = papermill("reproduce", tmp_path / "out.ipynb", "-y", "losses: [none]\nseeds: [9]", out_dir=tmp_path / "out", extra=kw)
     assert r.returncode == 0, r.stderr[-3000:]
     study = tmp_path / "out" / "synth_birds"
-    assert (study / "ssagan-none-s9" / "metrics.json").exists() and (study / "samples_by_loss.png").exists()
+    assert (study / "ssagan-none-s9" / "metrics.json").exists() and (study / "samples_ssagan.png").exists()
 
 
 def test_reproduce_notebook_with_cub_asks_for_the_dataset(tmp_path, papermill):
