@@ -23,7 +23,7 @@ __all__ = ['ARCHS', 'Arch', 'Encoders', 'Models', 'unwrap', 'DDP', 'build_models
 class Arch:
     "What the shared training loop needs from an architecture."
     build: Callable                # (cfg, device) -> Models: fresh G, D, optimisers, the architecture's config
-    step: Callable                 # (Models, batch, Encoders, LossConfig, noise, Precision, DistInfo) -> terms
+    step: Callable                 # (Models, batch, Encoders, LossConfig, noise, Precision, DistInfo, step) -> terms
     loss_base: dict = field(default_factory=lambda: {"*": LossConfig()})   # dataset (or "*") -> base LossConfig
     presets: dict = field(default_factory=dict)    # table-row loss presets: name -> LossConfig overrides
     defaults: dict = field(default_factory=dict)   # dataset -> TrainConfig values that differ for this arch
@@ -123,9 +123,9 @@ def check_arch_opts(arch: str, opts: dict) -> dict:
 _FP32 = Precision("fp32")
 
 def train_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tensor, prec: Precision = _FP32,
-               dist: DistInfo = DistInfo()) -> dict:
-    "One iteration of `m`'s architecture (D and G updates, EMA); returns the loss terms as floats."
-    return ARCHS[m.arch].step(m, batch, enc, lcfg, noise, prec, dist)
+               dist: DistInfo = DistInfo(), step: int = 0) -> dict:
+    "One iteration of `m`'s architecture (D and G updates, EMA); `step`: iterations done (lazy R1); loss terms as floats."
+    return ARCHS[m.arch].step(m, batch, enc, lcfg, noise, prec, dist, step)
 
 def official_generator(cfg, path, device="cpu") -> torch.nn.Module:
     ("The authors' generator of `cfg.arch` from `path` (their `netG_*.pth`), with the widths of `cfg`, in eval mode: "
@@ -136,7 +136,7 @@ def official_generator(cfg, path, device="cpu") -> torch.nn.Module:
 
 # %% ../nbs/07b_archs.ipynb
 def _ssagan_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tensor, prec: Precision = _FP32,
-                 dist: DistInfo = DistInfo()) -> dict:
+                 dist: DistInfo = DistInfo(), step: int = 0) -> dict:
     "One SSA-GAN iteration (D hinge, MA-GP, G with the paper's objective); returns the loss terms as floats."
     from t2i_nb.ssagan import d_step, magp_step, g_step
     from t2i_nb.losses import auxiliary_terms, generator_inputs
@@ -181,7 +181,7 @@ def per_branch(aux: dict, lcfg: LossConfig, n_sets: int) -> dict:
     return {**aux, "total": n_sets * (aux["total"] - f2f) + f2f}
 
 def _attngan_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tensor, prec: Precision = _FP32,
-                  dist: DistInfo = DistInfo()) -> dict:
+                  dist: DistInfo = DistInfo(), step: int = 0) -> dict:
     "One AttnGAN iteration: every stage D on each caption set, then G with KL and the paper's terms; floats."
     from t2i_nb.attngan import attngan_d_step, attngan_g_step, real_pyramid
     real, B = batch["img"], len(batch["img"])
@@ -225,3 +225,57 @@ ARCHS["attngan"] = Arch(
               "coco": dict(_ATTN, ngf=48, ndf=96, batch_size=14, arch_opts={"r_num": 3})},
     options=("branch_num", "r_num", "kl_weight", "cond_dim"),
     load_official=_official_attngan, paper="Xu et al., CVPR 2018 (taoxugit/AttnGAN); + CL: Ye et al., BMVC 2021")
+
+# %% ../nbs/07b_archs.ipynb
+def _style_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tensor, prec: Precision = _FP32,
+                dist: DistInfo = DistInfo(), step: int = 0) -> dict:
+    "One Style1/Style2AttnGAN iteration: every stage D on each caption set (+ lazy R1), then G with the paper's terms."
+    from t2i_nb.attngan import real_pyramid
+    from t2i_nb.style import style_d_step, style_g_step
+    real, B, c = batch["img"], len(batch["img"]), m.arch_cfg
+    with prec.autocast():
+        inp = generator_inputs(enc.text, batch, lcfg, noise, real.device)    # N rows, or 2N (two caption sets)
+        n_sets = len(inp["sent"]) // B
+        z2 = torch.randn(B, c.nz, device=real.device).repeat(n_sets, 1)      # one mixing noise for every caption set
+        if c.branch_num == 1: imgs = [m.G(inp["noise"], inp["sent"], mixing_prob=c.mixing_prob, z2=z2)]
+        else: imgs = m.G(inp["noise"], inp["sent"], inp["words"], inp["mask"], mixing_prob=c.mixing_prob, z2=z2)[0]
+        fake_sets = [[x[s * B:(s + 1) * B] for x in imgs] for s in range(n_sets)]
+        sents = list(inp["sent"].split(B))
+        mis = mismatch_index(batch["class_id"])
+        terms = style_d_step(m.D, m.optD, real_pyramid(real, c.image_sizes), fake_sets, sents, [s[mis] for s in sents],
+                             step, c, prec)
+    extra = lambda f: per_branch(auxiliary_terms(f, inp, lcfg, enc.image, real, enc.captioner, dist=dist), lcfg, n_sets)
+    with prec.autocast():
+        terms |= style_g_step(unwrap(m.D), m.optG, fake_sets, sents, extra, prec)
+    if m.ema is not None: m.ema.update(unwrap(m.G))
+    return terms
+
+def _style_config(cfg, branches: int):
+    from t2i_nb.style import StyleConfig, auto_r1_gamma
+    o = dict(cfg.arch_opts)
+    b = o.pop("branch_num", branches)
+    o.setdefault("r1_gamma", auto_r1_gamma(cfg.img_size, cfg.batch_size))
+    return StyleConfig(img_size=cfg.img_size, ngf=cfg.ngf, ndf=cfg.ndf, batch_size=cfg.batch_size, lr_g=cfg.lr_g,
+                       lr_d=cfg.lr_d, ema_decay=cfg.ema_decay, branch_num=b, **o)
+
+def _build_style(arch: str, branches: int):
+    def build(cfg, device) -> Models:
+        from t2i_nb.style import make_style1, make_style2, make_style_optimizers
+        scfg = _style_config(cfg, branches)
+        G, D = (make_style1 if branches == 1 else make_style2)(scfg, device)
+        return Models(G, D, *make_style_optimizers(G, D, scfg), scfg, arch=arch)
+    return build
+
+_STYLE_LOSS = {"*": LossConfig(lambda_damsm=5.0, gamma1=4.0)}
+_STYLE = dict(lr_g=0.0025, lr_d=0.0025, precision="fp32")
+_STYLE_DEFAULTS = {"synth_birds": dict(_STYLE, ngf=16, ndf=16, ema_decay=0.99),
+                   "cub": dict(_STYLE, ema_decay=0.998), "coco": dict(_STYLE, ema_decay=0.998)}
+_STYLE_OPTS = ("mixing_prob", "r1_gamma", "r1_every", "w_dim", "mapping_layers")
+ARCHS["style1_attngan"] = Arch(
+    _build_style("style1_attngan", 1), _style_step, loss_base=_STYLE_LOSS,
+    presets={"style1_attngan": {}, "style1_attngan_f2f": {"lambda_f2f": 0.2}}, defaults=_STYLE_DEFAULTS,
+    options=_STYLE_OPTS, paper="the paper's §3.2: StyleGAN2's generator and discriminator (Karras et al., CVPR 2020) on text")
+ARCHS["style2_attngan"] = Arch(
+    _build_style("style2_attngan", 3), _style_step, loss_base=_STYLE_LOSS,
+    presets={"style2_attngan": {}, "style2_attngan_r2f": {"lambda_r2f": 0.2}}, defaults=_STYLE_DEFAULTS,
+    options=_STYLE_OPTS + ("branch_num",), paper="the paper's §3.2: AttnGAN's stages from StyleGAN2 blocks")

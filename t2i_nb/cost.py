@@ -151,7 +151,7 @@ def flops_per_iteration(cfg: TrainConfig,            # the run (arch, img_size, 
     hooks = _step_hooks(m, fc, steps)
     att = _Attribution(fc, {m.G: "generator", m.D: "discriminator", enc.image: "image_encoder"})
     try:
-        with mode, fc, att: train_step(m, batch, enc, lcfg, noise)
+        with mode, fc, att: train_step(m, batch, enc, lcfg, noise, step=1)   # not a lazy-R1 step
     finally:
         for h in hooks + att.hooks: h.remove()
     parts = dict(att.flops, text_encoder=enc.text.flops)

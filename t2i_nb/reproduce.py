@@ -23,9 +23,11 @@ __all__ = ['STUDIES', 'SEEDS', 'study_configs', 'is_done', 'StudyError', 'run_st
 
 # %% ../nbs/08a_reproduce.ipynb
 STUDIES = Registry("study preset", {             # dataset -> architecture -> its rows' loss presets
-    "synth_birds": {"ssagan": ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap"), "attngan": ("attngan", "attngan_cl")},
+    "synth_birds": {"ssagan": ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap"), "attngan": ("attngan", "attngan_cl"),
+                    "style1_attngan": ("style1_attngan", "style1_attngan_f2f"), "style2_attngan": ("style2_attngan_r2f",)},
     "cub": {"ssagan": ("none", "f2f", "f2f_r2f"),     # Table 1's rows (re-captioning needs a CUB captioner)
-            "attngan": ("attngan", "attngan_cl")},
+            "attngan": ("attngan", "attngan_cl"),
+            "style1_attngan": ("style1_attngan", "style1_attngan_f2f"), "style2_attngan": ("style2_attngan_r2f",)},
     "coco": {"ssagan": ("none", "r2f", "f2f_r2f"),    # Table 2's rows
              "attngan": ("attngan", "attngan_cl")},
 })

@@ -78,7 +78,8 @@ SB_COLUMNS = (
     Column("consistency ↑", r"consistency_sb", 1, 3, True),
     Column("diversity ↑", r"diversity_sb", 1, 2, True),      # fakes' spread of open attributes / real birds'
 )
-LOSS_ORDER = ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap", "two_cap", "attngan", "attngan_cl")
+LOSS_ORDER = ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap", "two_cap", "attngan", "attngan_cl", "style1_attngan",
+              "style1_attngan_f2f", "style2_attngan", "style2_attngan_r2f")
 ARCH_ORDER = ("ssagan", "attngan", "style1_attngan", "style2_attngan")
 
 def _loss_rank(loss: str) -> tuple: return (LOSS_ORDER.index(loss) if loss in LOSS_ORDER else len(LOSS_ORDER), loss)
@@ -132,9 +133,9 @@ PAPER_TABLES = Registry("paper table", {
         PaperRow("AttnGAN", "4.36", "23.98", "58.06", "attngan", "attngan",
                  note=_COPIED + " (AttnGAN's own R is 67.82)"),
         PaperRow("AttnGAN + CL", "4.42", "16.34", "60.52", "attngan", "attngan_cl", note=_COPIED + " (Ye et al. 2021)"),
-        PaperRow("Style1AttnGAN", "4.20", "36.82", "61.25"),
-        PaperRow("Style1AttnGAN + CL (F2F)", "3.09", "41.32", "62.30"),
-        PaperRow("Style2AttnGAN + CL (R2F)", "3.59", "38.51", "64.53"),
+        PaperRow("Style1AttnGAN", "4.20", "36.82", "61.25", "style1_attngan", "style1_attngan"),
+        PaperRow("Style1AttnGAN + CL (F2F)", "3.09", "41.32", "62.30", "style1_attngan", "style1_attngan_f2f"),
+        PaperRow("Style2AttnGAN + CL (R2F)", "3.59", "38.51", "64.53", "style2_attngan", "style2_attngan_r2f"),
         PaperRow("SSAGAN", "4.89", "9.76", "75.67", "ssagan", "none",
                  "SSA-GAN's paper: IS 5.17, FID 15.61; FID protocol unstated"),
         PaperRow("SSAGAN + CL (F2F)", "4.95", "9.62", "70.49", "ssagan", "f2f"),
@@ -181,7 +182,8 @@ def paper_table(runs: pd.DataFrame, name: str) -> str:
     return (f"{title}: paper numbers as printed; measured = our runs, mean ± std over seeds (n runs)\n\n" +
             _md(header + ["note"], body) +
             f"\nMeasured rows come from `papermill nbs/reproduce.ipynb OUT.ipynb -p dataset {dataset} -p device cuda` "
-            f"(dataset and DAMSM encoders in place, see README); AttnGAN and Style-AttnGAN are not implemented here.\n")
+            f"(dataset and DAMSM encoders in place, see README) and `-p arch attngan` (or `style1_attngan`, "
+            f"`style2_attngan`) for the other architectures' rows.\n")
 
 # %% ../nbs/09_tables.ipynb
 def study_plot(runs: pd.DataFrame, study: str, path, columns=SB_COLUMNS) -> Path:

@@ -387,7 +387,7 @@ def _fit(run: RunState, lcfg, cbs, bar):
         for batch in loader:
             noise = torch.randn(cfg.batch_size, m.arch_cfg.nz, generator=run.noise_gen)[info.rank::info.world]
             terms = train_step(m, _to(batch, run.device, channels_last), run.enc, lcfg, noise.to(run.device), run.prec,
-                               info)
+                               info, run.step)
             run.terms = mean_across(terms, info)
             run.step += 1
             if info.main: run.log.add(run.step, epoch, run.terms)

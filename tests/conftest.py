@@ -1,5 +1,7 @@
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,22 @@ def tiny_run_settings(root, **overrides) -> dict:
     kw = dict(data_dir=str(root / "sb"), n_train=48, n_test=16, pretrain_epochs=1, epochs=2, ngf=8, ndf=8,
               batch_size=8, n_eval=0, device="cpu", out_dir=str(root / "runs"), loss="f2f_r2f", sample_every=2)
     return kw | overrides
+
+
+TRAIN_SCRIPT = """
+import json, os, signal, sys
+from t2i_nb.config import make_config
+from t2i_nb.train import Callback, train
+kw, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
+class KillAt(Callback):
+    def after_step(self, run):
+        if run.step == kill_at: os.kill(os.getpid(), signal.SIGKILL)
+train(make_config(**kw), callbacks=[KillAt()] if kill_at else [], progress=False)
+"""
+
+
+def run_train_script(kw, kill_at=0) -> subprocess.CompletedProcess:
+    "Train `make_config(**kw)` in a fresh process, killing it with SIGKILL after step `kill_at` (0: never)."
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, json.dumps(kw), str(kill_at)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)

@@ -14,7 +14,7 @@ from t2i_nb.encoders import SmallImageEncoder, TextEncoder
 from t2i_nb.losses import LossConfig, auxiliary_terms, generator_inputs, nt_xent
 from t2i_nb.train import make_config, prepare_assets
 
-from conftest import tiny_run_settings
+from conftest import run_train_script, tiny_run_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,8 @@ def test_ema_follows_the_official_formula():
 
 
 def test_registry_errors_name_the_valid_choices():
-    with pytest.raises(UnknownNameError, match="valid architectures: attngan, ssagan"): make_config(arch="attgan")
+    with pytest.raises(UnknownNameError, match="valid architectures: attngan, ssagan, style1_attngan, style2_attngan"):
+        make_config(arch="attgan")
     with pytest.raises(UnknownNameError, match="unknown loss preset 'attngan_cl' for arch 'ssagan'"):
         make_config(arch="ssagan", loss="attngan_cl")
     with pytest.raises(ValueError, match="arch_opts r_nums not taken by arch 'attngan'; valid: branch_num, r_num"):
@@ -151,24 +152,12 @@ def test_official_generator_through_the_registry(tmp_path):
         official_generator(make_config(arch="attngan"), tmp_path / "netG_epoch_600.pth")
 
 
-SCRIPT = """
-import json, os, signal, sys
-from t2i_nb.train import Callback, make_config, train
-kw, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
-class KillAt(Callback):
-    def after_step(self, run):
-        if run.step == kill_at: os.kill(os.getpid(), signal.SIGKILL)
-train(make_config(**kw), callbacks=[KillAt()] if kill_at else [], progress=False)
-"""
+run_script = run_train_script
 
 
-def run_script(kw, kill_at=0):
-    return subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(kw), str(kill_at)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-
-
-def test_attngan_cl_sigkill_then_resume_gives_the_same_weights_and_ema(tmp_path):
-    kw = tiny_run_settings(tmp_path, epochs=3, arch="attngan", loss="attngan_cl", ema_decay=0.9)
+@pytest.mark.parametrize("arch, loss", [("attngan", "attngan_cl"), ("style2_attngan", "style2_attngan_r2f")])
+def test_sigkill_then_resume_gives_the_same_weights_and_ema(tmp_path, arch, loss):
+    kw = tiny_run_settings(tmp_path, epochs=3, arch=arch, loss=loss, ema_decay=0.9, arch_opts={"r1_every": 4} if "style" in arch else {})
     prepare_assets(make_config(**kw))
     ref, killed = dict(kw, run_name="uninterrupted"), dict(kw, run_name="killed")
     assert run_script(ref).returncode == 0
@@ -182,7 +171,8 @@ def test_attngan_cl_sigkill_then_resume_gives_the_same_weights_and_ema(tmp_path)
         for k in a[part]: assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
     assert any(not torch.equal(a["G"][k], a["G_ema"][k]) for k in a["G"])   # the checkpoint holds a real average
     cfg = json.loads((tmp_path / "runs" / "killed" / "config.json").read_text())
-    assert cfg["config"]["arch"] == "attngan" and cfg["loss"]["lambda_f2f"] == 0.2 and cfg["loss"]["lambda_damsm"] == 5.0
+    lam = "lambda_f2f" if arch == "attngan" else "lambda_r2f"
+    assert cfg["config"]["arch"] == arch and cfg["loss"][lam] == 0.2 and cfg["loss"]["lambda_damsm"] == 5.0
 
 
 def test_seeded_generation_is_repeatable_and_leaves_the_callers_rng_alone():

@@ -12,21 +12,9 @@ from t2i_nb.assets import prepare_assets
 from t2i_nb.config import make_config
 from t2i_nb.train import Callback, CheckpointWarning, train
 
-from conftest import tiny_run_settings
+from conftest import run_train_script, tiny_run_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = """
-import json, os, signal, sys
-from t2i_nb.config import make_config
-from t2i_nb.train import Callback, train
-kw, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
-class KillAt(Callback):
-    def after_step(self, run):
-        if run.step == kill_at: os.kill(os.getpid(), signal.SIGKILL)
-train(make_config(**kw), callbacks=[KillAt()] if kill_at else [], progress=False)
-"""
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     "Tiny SynthBirds run settings (6 steps per epoch, 3 epochs) with its pretrained assets already cached."
@@ -36,10 +24,7 @@ def tiny(tmp_path_factory):
     return kw
 
 
-def run_script(kw, kill_at=0):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(kw), str(kill_at)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+run_script = run_train_script
 
 
 def final_state(kw):
