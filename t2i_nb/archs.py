@@ -215,7 +215,7 @@ def _official_attngan(path, cfg, device="cpu"):
     return load_official_attngan_generator(path, ngf=cfg.ngf, r_num=o.get("r_num", 2), cond_dim=o.get("cond_dim", 100),
                                            branch_num=b, base_size=cfg.img_size >> (b - 1), device=device)
 
-_ATTN = dict(lr_g=2e-4, lr_d=2e-4, ema_decay=0.999, precision="fp32")
+_ATTN = dict(loss="attngan", lr_g=2e-4, lr_d=2e-4, ema_decay=0.999, precision="fp32")   # loss: unless given
 ARCHS["attngan"] = Arch(
     _build_attngan, _attngan_step,
     loss_base={"*": LossConfig(lambda_damsm=5.0, gamma1=4.0), "coco": LossConfig(lambda_damsm=50.0, gamma1=4.0)},
@@ -270,12 +270,13 @@ _STYLE_LOSS = {"*": LossConfig(lambda_damsm=5.0, gamma1=4.0)}
 _STYLE = dict(lr_g=0.0025, lr_d=0.0025, precision="fp32")
 _STYLE_DEFAULTS = {"synth_birds": dict(_STYLE, ngf=16, ndf=16, ema_decay=0.99),
                    "cub": dict(_STYLE, ema_decay=0.998), "coco": dict(_STYLE, ema_decay=0.998)}
+_with_loss = lambda loss: {d: dict(v, loss=loss) for d, v in _STYLE_DEFAULTS.items()}   # the plain row, unless given
 _STYLE_OPTS = ("mixing_prob", "r1_gamma", "r1_every", "w_dim", "mapping_layers")
 ARCHS["style1_attngan"] = Arch(
     _build_style("style1_attngan", 1), _style_step, loss_base=_STYLE_LOSS,
-    presets={"style1_attngan": {}, "style1_attngan_f2f": {"lambda_f2f": 0.2}}, defaults=_STYLE_DEFAULTS,
+    presets={"style1_attngan": {}, "style1_attngan_f2f": {"lambda_f2f": 0.2}}, defaults=_with_loss("style1_attngan"),
     options=_STYLE_OPTS, paper="the paper's §3.2: StyleGAN2's generator and discriminator (Karras et al., CVPR 2020) on text")
 ARCHS["style2_attngan"] = Arch(
     _build_style("style2_attngan", 3), _style_step, loss_base=_STYLE_LOSS,
-    presets={"style2_attngan": {}, "style2_attngan_r2f": {"lambda_r2f": 0.2}}, defaults=_STYLE_DEFAULTS,
+    presets={"style2_attngan": {}, "style2_attngan_r2f": {"lambda_r2f": 0.2}}, defaults=_with_loss("style2_attngan_r2f"),
     options=_STYLE_OPTS + ("branch_num",), paper="the paper's §3.2: AttnGAN's stages from StyleGAN2 blocks")

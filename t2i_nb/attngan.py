@@ -211,7 +211,8 @@ class D_GET_LOGITS(nn.Module):
     def forward(self, h, sent_emb=None):
         if self.bcondition and sent_emb is not None:
             h = self.jointConv(torch.cat([h, sent_emb[:, :, None, None].expand(-1, -1, *h.shape[-2:])], 1))
-        return self.outlogits(h).view(-1)
+        with torch.autocast(h.device.type, enabled=False):      # sigmoid probabilities in fp32 (bf16 rounds to 1)
+            return self.outlogits(h.float()).view(-1)
 
 def _n_down(img_size: int) -> int:
     n = int(math.log2(img_size / 4)) if img_size >= 4 else -1

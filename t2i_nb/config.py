@@ -95,7 +95,10 @@ def make_config(dataset: str = "synth_birds", preset: str | None = None, **overr
     if bad: raise TypeError(f"unknown training parameter(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}")
     given = {k: v for k, v in overrides.items() if v is not None}
     arch_defaults = ARCHS[given.get("arch", cfg.arch)].defaults.get(dataset, {})
-    return validate(replace(cfg, dataset=dataset, **{**arch_defaults, **given}))
+    merged = {**arch_defaults, **given}
+    if isinstance(given.get("arch_opts"), dict):           # the user's options on top of the architecture's
+        merged["arch_opts"] = {**arch_defaults.get("arch_opts", {}), **given["arch_opts"]}
+    return validate(replace(cfg, dataset=dataset, **merged))
 
 # %% ../nbs/07c_config.ipynb
 _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off", "none", ""}

@@ -251,10 +251,9 @@ class StyleGenerator(nn.Module):
 
 # %% ../nbs/04b_style.ipynb
 def minibatch_stddev(x, group_size: int = 4, num_channels: int = 1):
-    "Append num_channels maps: per group of min(group_size, N) samples (strided layout), the mean stddev over the group."
+    "Append num_channels maps: per group of G samples (strided; G the largest divisor of N <= group_size), the mean stddev."
     N, C, H, W = x.shape
-    G = min(group_size, N)
-    if N % G: raise ValueError(f"minibatch_stddev: batch size {N} is not divisible by the group size {G}")
+    G = max(g for g in range(1, min(group_size, N) + 1) if N % g == 0)   # per-process batches of any size (torchrun)
     if C % num_channels: raise ValueError(f"minibatch_stddev: {C} channels are not divisible by num_channels={num_channels}")
     y = x.reshape(G, -1, num_channels, C // num_channels, H, W)
     y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt().mean((2, 3, 4))      # (N/G)×F
@@ -384,10 +383,9 @@ def make_style_models(cfg: StyleConfig, device="cpu") -> tuple[StyleGenerator, S
     return G.to(device), D.to(device)
 
 def make_style_optimizers(G, D, cfg: StyleConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    "Adam for G and D (betas (0, 0.99)); D's lr and betas corrected for lazy R1: lr·c, betas^c, c = k/(k+1)."
-    c = cfg.r1_every / (cfg.r1_every + 1) if cfg.r1_every > 0 and cfg.r1_gamma > 0 else 1.
+    "Adam for G and D, lr 0.0025 and betas (0, 0.99) by default (no lazy-regularisation correction: see above)."
     optG = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas), eps=1e-8)
-    optD = torch.optim.Adam(D.parameters(), lr=cfg.lr_d * c, betas=tuple(b ** c for b in cfg.betas), eps=1e-8)
+    optD = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas), eps=1e-8)
     return optG, optD
 
 # %% ../nbs/04b_style.ipynb
@@ -480,7 +478,9 @@ def style_d_objective(D, reals: list, fake_sets: list, sents: list, mis_sents: l
     if cfg.r1_gamma > 0 and cfg.r1_every > 0 and step % cfg.r1_every == 0:
         with torch.autocast(dev, enabled=False):                     # separate full-precision pass
             xs = [x.detach().requires_grad_() for x in reals]
-            terms["r1"] = sum(r1_penalty(_fp32(l), x, cfg.r1_gamma) for (l,), x in zip(D(xs, sents=[[sents[0]]])[0], xs))
+            R = xs[-1].shape[-1]                                       # γ scales with R² (StyleGAN2-ADA): per stage
+            terms["r1"] = sum(r1_penalty(_fp32(l), x, cfg.r1_gamma * (x.shape[-1] / R) ** 2)
+                              for (l,), x in zip(D(xs, sents=[[sents[0]]])[0], xs))
         loss = loss + cfg.r1_every * terms["r1"]
     terms["d_loss"] = loss
     return loss, terms

@@ -384,6 +384,8 @@ def _fit(run: RunState, lcfg, cbs, bar):
     channels_last = cuda and getattr(m.arch_cfg, "channels_last", False)
     for epoch in range(run.epoch, cfg.epochs):
         loader.sampler.set_epoch(epoch); run.assets.train.set_epoch(epoch)
+        if info.world > 1:   # each rank its own stream for G's own draws (CA, style noise), the same after a resume
+            torch.manual_seed(cfg.seed * 1_000_003 + 1_000 * epoch + info.rank)
         for batch in loader:
             noise = torch.randn(cfg.batch_size, m.arch_cfg.nz, generator=run.noise_gen)[info.rank::info.world]
             terms = train_step(m, _to(batch, run.device, channels_last), run.enc, lcfg, noise.to(run.device), run.prec,

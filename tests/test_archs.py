@@ -135,6 +135,10 @@ def test_presets_and_defaults_per_dataset(tmp_path):
     assert (c.ngf, c.ndf, c.batch_size, c.arch_opts, c.ema_decay) == (48, 96, 14, {"r_num": 3}, 0.999)
     assert arch_loss_config(c.arch, c.dataset, c.loss, c.lambdas).lambda_damsm == 50.0
     assert make_config(arch="attngan", ngf=8).ngf == 8                 # what the user gives wins
+    assert make_config("coco", arch="attngan", data_dir=str(tmp_path / "coco"),
+                       arch_opts={"kl_weight": 2.0}).arch_opts == {"r_num": 3, "kl_weight": 2.0}   # merged
+    assert [make_config(arch=a).loss for a in ("ssagan", "attngan", "style1_attngan", "style2_attngan")] == \
+        ["f2f_r2f", "attngan", "style1_attngan", "style2_attngan_r2f"]    # each architecture's plain row
     m = build_models(make_config("coco", arch="attngan", loss="attngan", data_dir=str(tmp_path / "coco")), "meta")
     assert sum(p.numel() for p in m.G.parameters()) == 13_811_456      # the official COCO generator
     m = build_models(make_config("cub", arch="attngan", loss="attngan", data_dir=str(tmp_path / "coco")), "meta")
