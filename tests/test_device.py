@@ -7,7 +7,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+import t2i_nb.attngan as attngan
 import t2i_nb.ssagan as ssagan
+import t2i_nb.style as style
 from t2i_nb.accel import EMA, fake_device_copy
 from t2i_nb.captioner import Captioner, CaptionerConfig
 from t2i_nb.data import mismatch_index
@@ -55,8 +57,10 @@ def encoders():
 @pytest.fixture
 def no_backward(monkeypatch):
     "Keep the forward passes of a step, drop what needs a real GPU: backward/optimizer updates and input gradients."
-    monkeypatch.setattr(ssagan, "_update", lambda opt, loss, terms, where, prec=None: terms)
-    monkeypatch.setattr(torch.autograd, "grad", lambda out, inputs, **kw: tuple(torch.zeros_like(x) for x in inputs))
+    for module in (ssagan, attngan, style):                 # each architecture's optimiser step
+        monkeypatch.setattr(module, "_update", lambda opt, loss, terms, where, prec=None: terms)
+    monkeypatch.setattr(torch.autograd, "grad", lambda out, inputs, **kw: tuple(
+        torch.zeros_like(x) for x in ((inputs,) if torch.is_tensor(inputs) else inputs)))
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

@@ -80,8 +80,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(loss="f2f_typo"), "unknown loss preset 'f2f_typo'; valid loss presets: f2f, f2f_r2f, f2f_r2f_cap, none, r2f"),
-    (dict(arch="attngan9"), "unknown architecture 'attngan9'; valid architectures: ssagan"),
+    (dict(loss="f2f_typo"), "unknown loss preset 'f2f_typo' for arch 'ssagan'; valid loss presets: f2f, f2f_r2f, f2f_r2f_cap, none, r2f"),
+    (dict(arch="attngan9"), "unknown architecture 'attngan9'; valid architectures: attngan, ssagan, style1_attngan, style2_attngan"),
     (dict(dataset="imagenet"), "unknown dataset 'imagenet'; valid datasets: coco, cub, synth_birds"),
     (dict(preset="cub_papr"), "unknown training preset 'cub_papr'"),
     (dict(lambdas={"lambda_f2f": float("nan")}), "lambda_f2f must be a finite number"),
@@ -106,8 +106,9 @@ def test_train_notebook_runs_under_papermill_with_tiny_parameters(tiny, tmp_path
     for f in ("config.json", "losses.csv", "samples.png", "loss_curves.png", "metrics.json", "checkpoints/ckpt_0001.pt"):
         assert (run / f).exists(), f
     metrics = {m["metric"]: m for m in json.loads((run / "metrics.json").read_text())}
-    assert {"rprec_100_heldout", "fid_sb_500_test", "is_sb_500", "semantic_acc_sb", "consistency_sb"} <= set(metrics)
-    assert all(m["n_fake"] == 500 for k, m in metrics.items() if k != "consistency_sb")
+    assert {"rprec_100_heldout", "fid_sb_500_test", "is_sb_500", "semantic_acc_sb", "consistency_sb", "diversity_sb"} <= set(metrics)
+    assert all(m["n_fake"] == 500 for k, m in metrics.items() if k not in ("consistency_sb", "diversity_sb"))
+    assert metrics["diversity_sb"]["n_fake"] == 10 * tiny["n_test"]    # its own protocol: 10 noises per test caption
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["config"]["loss"] == "f2f" and cfg["config"]["precision"] == "bf16" and cfg["loss"]["lambda_f2f"] == 0.2 and cfg["assets"]["damsm"]["text"].endswith(".pth")
     assert set(pd.read_csv(run / "losses.csv").columns) >= {"step", "d_loss", "magp", "g_adv", "g_damsm", "g_f2f", "g_loss"}
