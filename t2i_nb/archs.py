@@ -16,7 +16,8 @@ from .losses import LOSS_PRESETS, LossConfig, auxiliary_terms, generator_inputs
 
 # %% auto 0
 __all__ = ['ARCHS', 'Arch', 'Encoders', 'Models', 'unwrap', 'DDP', 'build_models', 'preset_overrides', 'loss_names',
-           'arch_loss_config', 'loss_of', 'check_arch_opts', 'train_step', 'official_generator', 'per_branch']
+           'arch_loss_config', 'loss_of', 'check_arch_opts', 'train_step', 'official_generator', 'per_branch',
+           'caption_sets', 'branch_terms']
 
 # %% ../nbs/07b_archs.ipynb
 @dataclass(frozen=True)
@@ -180,6 +181,15 @@ def per_branch(aux: dict, lcfg: LossConfig, n_sets: int) -> dict:
     f2f = lcfg.lambda_f2f * aux["f2f"] if "f2f" in aux else 0.
     return {**aux, "total": n_sets * (aux["total"] - f2f) + f2f}
 
+def caption_sets(imgs: list, sent, B: int) -> tuple[list, list]:
+    "Stage images and sentences of the N or 2N generator rows split into caption sets of B rows each."
+    return [[x[s * B:(s + 1) * B] for x in imgs] for s in range(len(sent) // B)], list(sent.split(B))
+
+def branch_terms(inp: dict, lcfg, enc: Encoders, real, dist: DistInfo):
+    "The G step's `extra_loss_fn`: the paper's terms on the largest fakes, weighted per caption branch (`per_branch`)."
+    n_sets = len(inp["sent"]) // len(real)
+    return lambda f: per_branch(auxiliary_terms(f, inp, lcfg, enc.image, real, enc.captioner, dist=dist), lcfg, n_sets)
+
 def _attngan_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tensor, prec: Precision = _FP32,
                   dist: DistInfo = DistInfo(), step: int = 0) -> dict:
     "One AttnGAN iteration: every stage D on each caption set, then G with KL and the paper's terms; floats."
@@ -188,11 +198,9 @@ def _attngan_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tens
     with prec.autocast():
         inp = generator_inputs(enc.text, batch, lcfg, noise, real.device)    # N rows, or 2N (two caption sets)
         imgs, _, mu, logvar = m.G(inp["noise"], inp["sent"], inp["words"], inp["mask"])
-        n_sets = len(inp["sent"]) // B
-        fake_sets = [[x[s * B:(s + 1) * B] for x in imgs] for s in range(n_sets)]
-        sents = list(inp["sent"].split(B))
+        fake_sets, sents = caption_sets(imgs, inp["sent"], B)
         terms = attngan_d_step(m.D, m.optD, real_pyramid(real, m.arch_cfg.image_sizes), fake_sets, sents, prec)
-    extra = lambda f: per_branch(auxiliary_terms(f, inp, lcfg, enc.image, real, enc.captioner, dist=dist), lcfg, n_sets)
+    extra = branch_terms(inp, lcfg, enc, real, dist)
     with prec.autocast():
         terms |= attngan_g_step(unwrap(m.D), m.optG, fake_sets, sents, mu, logvar, m.arch_cfg.kl_weight, extra, prec)
     if m.ema is not None: m.ema.update(unwrap(m.G))
@@ -239,12 +247,11 @@ def _style_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tensor
         z2 = torch.randn(B, c.nz, device=real.device).repeat(n_sets, 1)      # one mixing noise for every caption set
         if c.branch_num == 1: imgs = [m.G(inp["noise"], inp["sent"], mixing_prob=c.mixing_prob, z2=z2)]
         else: imgs = m.G(inp["noise"], inp["sent"], inp["words"], inp["mask"], mixing_prob=c.mixing_prob, z2=z2)[0]
-        fake_sets = [[x[s * B:(s + 1) * B] for x in imgs] for s in range(n_sets)]
-        sents = list(inp["sent"].split(B))
+        fake_sets, sents = caption_sets(imgs, inp["sent"], B)
         mis = mismatch_index(batch["class_id"])
         terms = style_d_step(m.D, m.optD, real_pyramid(real, c.image_sizes), fake_sets, sents, [s[mis] for s in sents],
                              step, c, prec)
-    extra = lambda f: per_branch(auxiliary_terms(f, inp, lcfg, enc.image, real, enc.captioner, dist=dist), lcfg, n_sets)
+    extra = branch_terms(inp, lcfg, enc, real, dist)
     with prec.autocast():
         terms |= style_g_step(unwrap(m.D), m.optG, fake_sets, sents, extra, prec)
     if m.ema is not None: m.ema.update(unwrap(m.G))
