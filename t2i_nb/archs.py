@@ -143,11 +143,14 @@ def _ssagan_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tenso
     from t2i_nb.losses import auxiliary_terms, generator_inputs
     real, B = batch["img"], len(batch["img"])
     with prec.autocast():
-        inp = generator_inputs(enc.text, batch, lcfg, noise, real.device)    # N rows, or 2N when F2F is on
-        sent = inp["sent"][:B]
-        mis_sent = sent[mismatch_index(batch["class_id"])]
+        inp = generator_inputs(enc.text, batch, lcfg, noise, real.device)    # N rows, or 2N (two caption sets)
+        sent, mis = inp["sent"][:B], mismatch_index(batch["class_id"])
         fake = m.G(inp["noise"], inp["sent"])[0]                              # one generator call for all rows
-        terms = d_step(m.G, m.D, m.optD, real, sent, mis_sent, noise, m.arch_cfg, fake=fake[:B], prec=prec)
+        k = len(fake) // B if lcfg.d_both else 1                              # caption sets D is trained on
+        d_sents = inp["sent"][:k * B]
+        d_mis = torch.cat([s[mis] for s in d_sents.split(B)])
+        terms = d_step(m.G, m.D, m.optD, real.repeat(k, 1, 1, 1), d_sents, d_mis, noise, m.arch_cfg,
+                       fake=fake[:k * B], prec=prec)
     if not m.arch_cfg.fold_magp: terms |= magp_step(m.D, m.optD, real, sent, m.arch_cfg, prec=prec)   # fp32
     extra = lambda f: auxiliary_terms(f, inp, lcfg, enc.image, real, enc.captioner, dist=dist)   # global-batch losses
     with prec.autocast():      # D unwrapped: frozen in the G step, so DDP must not wait for its gradients
@@ -199,7 +202,8 @@ def _attngan_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tens
         inp = generator_inputs(enc.text, batch, lcfg, noise, real.device)    # N rows, or 2N (two caption sets)
         imgs, _, mu, logvar = m.G(inp["noise"], inp["sent"], inp["words"], inp["mask"])
         fake_sets, sents = caption_sets(imgs, inp["sent"], B)
-        terms = attngan_d_step(m.D, m.optD, real_pyramid(real, m.arch_cfg.image_sizes), fake_sets, sents, prec)
+        k = len(sents) if lcfg.d_both else 1                                  # caption sets D is trained on
+        terms = attngan_d_step(m.D, m.optD, real_pyramid(real, m.arch_cfg.image_sizes), fake_sets[:k], sents[:k], prec)
     extra = branch_terms(inp, lcfg, enc, real, dist)
     with prec.autocast():
         terms |= attngan_g_step(unwrap(m.D), m.optG, fake_sets, sents, mu, logvar, m.arch_cfg.kl_weight, extra, prec)
@@ -226,7 +230,8 @@ def _official_attngan(path, cfg, device="cpu"):
 _ATTN = dict(loss="attngan", lr_g=2e-4, lr_d=2e-4, ema_decay=0.999, precision="fp32")   # loss: unless given
 ARCHS["attngan"] = Arch(
     _build_attngan, _attngan_step,
-    loss_base={"*": LossConfig(lambda_damsm=5.0, gamma1=4.0), "coco": LossConfig(lambda_damsm=50.0, gamma1=4.0)},
+    loss_base={"*": LossConfig(lambda_damsm=5.0, gamma1=4.0, d_both=True),
+               "coco": LossConfig(lambda_damsm=50.0, gamma1=4.0, d_both=True)},
     presets={"attngan": {}, "attngan_cl": {"lambda_f2f": 0.2}},
     defaults={"synth_birds": dict(_ATTN, ngf=16, ndf=16, ema_decay=0.99),
               "cub": dict(_ATTN, ngf=32, ndf=64, batch_size=20),
@@ -248,9 +253,9 @@ def _style_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tensor
         if c.branch_num == 1: imgs = [m.G(inp["noise"], inp["sent"], mixing_prob=c.mixing_prob, z2=z2)]
         else: imgs = m.G(inp["noise"], inp["sent"], inp["words"], inp["mask"], mixing_prob=c.mixing_prob, z2=z2)[0]
         fake_sets, sents = caption_sets(imgs, inp["sent"], B)
-        mis = mismatch_index(batch["class_id"])
-        terms = style_d_step(m.D, m.optD, real_pyramid(real, c.image_sizes), fake_sets, sents, [s[mis] for s in sents],
-                             step, c, prec)
+        mis, k = mismatch_index(batch["class_id"]), len(sents) if lcfg.d_both else 1   # k: caption sets D sees
+        terms = style_d_step(m.D, m.optD, real_pyramid(real, c.image_sizes), fake_sets[:k], sents[:k],
+                             [s[mis] for s in sents[:k]], step, c, prec)
     extra = branch_terms(inp, lcfg, enc, real, dist)
     with prec.autocast():
         terms |= style_g_step(unwrap(m.D), m.optG, fake_sets, sents, extra, prec)
@@ -273,7 +278,7 @@ def _build_style(arch: str, branches: int):
         return Models(G, D, *make_style_optimizers(G, D, scfg), scfg, arch=arch)
     return build
 
-_STYLE_LOSS = {"*": LossConfig(lambda_damsm=5.0, gamma1=4.0)}
+_STYLE_LOSS = {"*": LossConfig(lambda_damsm=5.0, gamma1=4.0, d_both=True)}
 _STYLE = dict(lr_g=0.0025, lr_d=0.0025, precision="fp32")
 _STYLE_DEFAULTS = {"synth_birds": dict(_STYLE, ngf=16, ndf=16, ema_decay=0.99),
                    "cub": dict(_STYLE, ema_decay=0.998), "coco": dict(_STYLE, ema_decay=0.998)}

@@ -107,12 +107,13 @@ def _synth_evaluator(cfg, device, data_key: str):
     model, report = load_evaluator(folder, device)
     return _frozen(model), dict(weights=model.weights_path, test_accuracy=report.get("test_accuracy"))
 
-def _synth_captioner(cfg, train, device, data_key: str):
-    "The re-captioning model F_C, pretrained on real SynthBirds (cached)."
+def _captioner(cfg, train, device, data_key: str):
+    "The re-captioning model F_C, pretrained on the dataset's real training images once, then read from the cache."
     from t2i_nb.captioner import CaptionerConfig, load_captioner, pretrain_captioner
     ccfg = _epochs(CaptionerConfig(img_size=cfg.img_size), cfg)
     folder = cached_asset(Path(cfg.data_dir) / "t2i_cache", "captioner", ccfg,
-                          lambda out: pretrain_captioner(cfg.data_dir, ccfg, out, device), data_key)
+                          lambda out: pretrain_captioner(cfg.data_dir, ccfg, out, device, image_dir=cfg.image_dir,
+                                                         cache_images=cfg.dataset != "coco"), data_key)
     return load_captioner(folder / "captioner.pth", train.n_words, device), str(folder / "captioner.pth")
 
 # %% ../nbs/07d_assets.ipynb
@@ -129,19 +130,16 @@ def prepare_assets(cfg: TrainConfig, device=None) -> Assets:
         t, i, damsm = _synth_damsm(cfg, train, device, heldout=False, data_key=fp)
         et, ei, edamsm = _synth_damsm(cfg, train, device, heldout=True, data_key=fp)
         ev, ev_info = _synth_evaluator(cfg, device, fp)
-        cap, cap_info = _synth_captioner(cfg, train, device, fp) if need_cap else (None, None)
         inception = None
     else:
         from t2i_nb.metrics import InceptionFeatures
-        if need_cap: raise ValueError("the re-captioning loss needs a captioner pretrained on this dataset: "
-                                      "nbs/pretrain_captioner.ipynb makes one; wiring it into CUB/COCO runs is not "
-                                      "automated yet")
         # fails fast when the file is missing
-        inception = InceptionFeatures(cfg.inception_weights, device=device)
+        inception = InceptionFeatures(cfg.inception_weights, mode=cfg.fid_mode, device=device)
         t, i, damsm = _damsm_pair(cfg.damsm_dir or Path(cfg.data_dir) / "DAMSMencoders", train.n_words, device)
         et, ei, edamsm = (_damsm_pair(cfg.eval_damsm_dir, train.n_words, device) if cfg.eval_damsm_dir
                           else (None, None, None))
-        ev, ev_info, cap, cap_info = None, None, None, None
+        ev, ev_info = None, None
+    cap, cap_info = _captioner(cfg, train, device, fp) if need_cap else (None, None)   # pretrained once, then cached
     info = dict(data_dir=str(cfg.data_dir), data_fingerprint=fp, damsm=damsm, eval_damsm=edamsm, evaluator=ev_info,
                 captioner=cap_info, inception=inception.info() if inception else None)
     return Assets(train, test, t, i, et, ei, ev, cap, inception, info)

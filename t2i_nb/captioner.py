@@ -182,11 +182,14 @@ def _train_epoch(model, opt, ds, cfg, epoch, device) -> float:
     return total / max(len(loader), 1)
 
 def pretrain_captioner(data_root, cfg: CaptionerConfig = CaptionerConfig(), out_dir="captioner", device="auto",
-                       focus_words=()) -> dict:  # words also scored alone in the final test accuracy
-    "Train F_C on the real train split of `data_root`; save `captioner.pth`, config and history into `out_dir`."
+                       focus_words=(),          # words also scored alone in the final test accuracy
+                       image_dir=None,          # COCO image folder (default <data_root>/images)
+                       cache_images: bool = True) -> dict:   # keep decoded images in memory (not for COCO's 80k)
+    "Train F_C on the real train split of `data_root` (SynthBirds, CUB or COCO); save `captioner.pth`, config, history."
     device, out_dir = get_device(device), Path(out_dir)
     seed_everything(cfg.seed)
-    kw = dict(img_size=cfg.img_size, words_num=cfg.words_num, augment=False, seed=cfg.seed, cache_images=True)
+    kw = dict(img_size=cfg.img_size, words_num=cfg.words_num, augment=False, seed=cfg.seed, cache_images=cache_images,
+              image_dir=image_dir)
     train, test = TextImageDataset(data_root, "train", **kw), TextImageDataset(data_root, "test", **kw)
     model = Captioner(train.n_words, cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

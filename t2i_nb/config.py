@@ -12,6 +12,7 @@ from .core import Registry, get_device
 from .data import DataLayoutError
 from .accel import PRECISIONS
 from .archs import ARCHS, check_arch_opts, loss_of
+from .metrics import RESIZE_MODES
 
 # %% auto 0
 __all__ = ['TRAIN_PRESETS', 'DATASET_PRESET', 'DATASETS', 'RESUME_FREE', 'TrainConfig', 'make_config', 'validate', 'config_diff']
@@ -52,8 +53,10 @@ class TrainConfig:
     n_test: int = 500
     # clean-fid's inception-2015-12-05.pt (file or folder; None: clean-fid's cache)
     inception_weights: str | None = None
+    fid_mode: str = "clean"            # Inception FID/IS resize (CUB/COCO): clean | legacy_tensorflow (beside published)
     pretrain_epochs: int | None = None # override the epochs of every pretrained asset (1 for smoke tests)
     num_workers: int = 0               # DataLoader workers
+    threads: int | None = None         # CPU threads (None: the cores other processes leave free, checked every epoch)
     fold_magp: bool = False            # MA-GP inside the hinge D step (DF-GAN 2022) instead of a separate step
     gate_init: float = 1.0             # initial γ of SSA-GAN's residual gates (official 0; see the note below)
     check_data: bool = True            # decode every image and check caption ids before training (pre-flight)
@@ -75,10 +78,12 @@ TRAIN_PRESETS = Registry("training preset", {
     "cub_paper": TrainConfig(dataset="cub", data_dir="data/birds", img_size=256, ngf=64, ndf=64, epochs=600,
                              batch_size=24, lr_g=1e-4, lr_d=4e-4,
                              n_eval=30_000, eval_every=50, sample_every=5, ckpt_every=5, gate_init=0.0,
+                             fid_mode="legacy_tensorflow",
                              precision="bf16", num_workers=4),
     "coco_paper": TrainConfig(dataset="coco", data_dir="data/coco", img_size=256, ngf=64, ndf=64, epochs=120,
                               batch_size=24, lr_g=1e-4, lr_d=4e-4,
                               n_eval=30_000, eval_every=10, sample_every=1, ckpt_every=1, gate_init=0.0,
+                              fid_mode="legacy_tensorflow",
                               precision="bf16", num_workers=4),
 })
 DATASET_PRESET = {"synth_birds": "synth_birds", "cub": "cub_paper", "coco": "coco_paper"}
@@ -138,7 +143,7 @@ def _typed(name: str, kind: str, v):
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,@-]*")
 _AT_LEAST = dict(epochs=1, batch_size=2, ngf=1, ndf=1, seed=0, n_eval=0, eval_every=0, sample_every=0, ckpt_every=0,
-                 keep_ckpts=1, n_train=2, n_test=1, num_workers=0, pretrain_epochs=1)
+                 keep_ckpts=1, n_train=2, n_test=1, num_workers=0, pretrain_epochs=1, threads=1)
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     "`cfg` with every value of its field's type, checked for names, ranges and paths; or a clear error naming it."
@@ -149,6 +154,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.precision == "fp16" and cfg.fold_magp:
         raise ValueError("fold_magp=True takes MA-GP's input gradients through the fp16 graph, where they underflow "
                          "unscaled: use precision='bf16', or the separate MA-GP step (fold_magp=False, all fp32)")
+    if cfg.fid_mode not in RESIZE_MODES:
+        raise ValueError(f"fid_mode must be one of {', '.join(RESIZE_MODES)}, got {cfg.fid_mode!r}")
     if cfg.img_size not in (64, 128, 256): raise ValueError(f"img_size must be 64, 128 or 256, got {cfg.img_size}")
     for k, lo in _AT_LEAST.items():
         v = getattr(cfg, k)
@@ -176,8 +183,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 # %% ../nbs/07c_config.ipynb
 # Settings that may differ on resume: where things are, how often to report, and how long to train.
 RESUME_FREE = ("data_dir", "image_dir", "damsm_dir", "eval_damsm_dir", "device", "out_dir", "run_name", "resume",
-               "epochs", "eval_every", "n_eval", "sample_every", "ckpt_every", "keep_ckpts", "inception_weights",
-               "num_workers", "check_data", "allow_config_change", "compile", "tensorboard")
+               "epochs", "eval_every", "n_eval", "sample_every", "ckpt_every", "keep_ckpts", "inception_weights", "fid_mode",
+               "num_workers", "threads", "check_data", "allow_config_change", "compile", "tensorboard")
 
 def config_diff(old: dict, new: dict, data_old=None, data_new=None) -> dict:
     "Training-relevant settings that differ between a checkpoint's config and `new`: name -> (old, new)."
@@ -185,4 +192,3 @@ def config_diff(old: dict, new: dict, data_old=None, data_new=None) -> dict:
     diff = {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
     if data_old and data_new and data_old != data_new: diff["data (dataset_fingerprint)"] = (data_old, data_new)
     return diff
-

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb 1
 from __future__ import annotations
-import ctypes, hashlib, json, os, random, tempfile
+import ctypes, hashlib, json, math, os, random, tempfile, time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import torch
 # %% auto 0
 __all__ = ['get_device', 'seed_everything', 'rng_state', 'set_rng_state', 'UnknownNameError', 'Registry', 'atomic_write',
            'atomic_torch_save', 'atomic_write_json', 'to_dict', 'config_key', 'file_hash', 'NonFiniteLossError',
-           'check_finite', 'nonfinite_tensors', 'keep_freed_memory']
+           'check_finite', 'nonfinite_tensors', 'keep_freed_memory', 'busy_cores', 'cpu_threads']
 
 # %% ../nbs/00_core.ipynb
 def get_device(device: str | torch.device = "auto") -> torch.device:
@@ -158,3 +158,30 @@ def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
     except OSError: return False
     ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
     return ok and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+
+# %% ../nbs/00_core.ipynb
+def busy_cores(interval: float = 0.25) -> float:
+    ("Cores kept busy by every process right now: (1 - idle share) x cores over `interval` seconds of "
+     "`/proc/stat` (Linux); elsewhere the 1-minute load average; 0 when neither is available.")
+    def snap():
+        with open("/proc/stat") as f: v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + (v[4] if len(v) > 4 else 0), sum(v)        # idle + iowait jiffies, all jiffies
+    try:
+        i0, t0 = snap(); time.sleep(interval); i1, t1 = snap()
+        return max(0.0, (1 - (i1 - i0) / max(t1 - t0, 1)) * (os.cpu_count() or 1))
+    except (OSError, ValueError, IndexError):
+        try: return float(os.getloadavg()[0])
+        except (OSError, AttributeError): return 0.0
+
+def cpu_threads(threads: int | None = None, busy: float | None = None) -> int:
+    ("Set torch's intra-op CPU threads and return the count: `threads` if given (or OMP_NUM_THREADS in the "
+     "environment), else the cores this process may use minus those others keep busy (`busy`: `busy_cores()`), >= 1.")
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        threads = torch.get_num_threads()                      # the launcher's choice (torchrun sets 1) stands
+    if threads is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        others = busy_cores() if busy is None else busy
+        threads = max(1, min(cores, cores - math.floor(others + 0.5)))
+    if not isinstance(threads, int) or threads < 1: raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    if torch.get_num_threads() != threads: torch.set_num_threads(threads)
+    return threads

@@ -11,7 +11,8 @@ import torch
 
 from .accel import DistInfo
 from .data import TextImageDataset
-from .metrics import RPrecisionExtractor, compute_metrics, compute_reference_stats, n_tag, pool_from_dataset
+from .metrics import (RPrecisionExtractor, compute_metrics, compute_reference_stats, n_tag, pool_from_dataset,
+                            sample_mismatched, is_inception_name)
 # importing t2i_nb.evaluator also registers the SynthBirds metrics (fid_sb, is_sb, semantic_acc_sb, consistency_sb)
 from .evaluator import SBFeatures, dataset_batches, diversity_report, open_attributes, predict, read_caption_attributes
 from .assets import Assets, _rank0_first
@@ -32,20 +33,23 @@ def _caption_rows(ds, rows, rng, other_than=None):
 
 def fake_batches(G, text_enc, ds: TextImageDataset, n: int, batch_size: int = 100, seed: int = 0, device="cpu",
                  pairs: bool = False, nz: int = 100, dist: DistInfo = DistInfo()):
-    ("Batches of `n` fakes for test captions (`img2`: a second caption, same noise, if `pairs`); "
-     "rank r makes batches k≡r.")
+    ("Batches of `n` fakes for test captions; with `pairs`, also `img2` (a second caption of the same image) and "
+     "`img3` (a caption of an image of another species), both with the same noise. Rank r makes batches k≡r.")
     for k, s in enumerate(range(0, n, batch_size)):
         if k % dist.world != dist.rank: continue
         rng, g = np.random.default_rng([seed, k]), torch.Generator().manual_seed(seed * 1_000_003 + k)   # per batch
         rows = np.arange(s, min(n, s + batch_size)) % len(ds)
         cap, lens, js = _caption_rows(ds, rows, rng)
         z = torch.randn(len(rows), nz, generator=g)
-        b = dict(img=generate(G, text_enc, cap, lens, z, device, seed=seed * 1_000_003 + k), caption=cap, cap_len=lens,
+        fake = lambda c, l: generate(G, text_enc, c, l, z, device, seed=seed * 1_000_003 + k)   # same noise every time
+        b = dict(img=fake(cap, lens), caption=cap, cap_len=lens,
                  class_id=torch.as_tensor(ds.class_ids[rows]), index=torch.as_tensor(rows))
         if pairs:
             cap2, lens2, _ = _caption_rows(ds, rows, rng, other_than=js)
-            b.update(img2=generate(G, text_enc, cap2, lens2, z, device, seed=seed * 1_000_003 + k),
-                     caption2=cap2, cap_len2=lens2)
+            others = sample_mismatched(ds.class_ids[rows], ds.class_ids, 1, rng)[:, 0]    # rows of another species
+            cap3, lens3, _ = _caption_rows(ds, others, rng)
+            b.update(img2=fake(cap2, lens2), caption2=cap2, cap_len2=lens2,
+                     img3=fake(cap3, lens3), caption3=cap3, cap_len3=lens3, index3=torch.as_tensor(others))
         yield b
 
 # %% ../nbs/07f_evaluation.ipynb
@@ -54,7 +58,8 @@ def _rprec_extractor(assets: Assets, seed: int):
     t, i = (assets.eval_text_enc, assets.eval_img_enc) if heldout else (assets.text_enc, assets.img_enc)
     weights = assets.info.get("eval_damsm" if heldout else "damsm") or {}
     caps, lens, cls = pool_from_dataset(assets.test, assets.test.words_num, seed)
-    return (RPrecisionExtractor(t, i, caps, lens, cls, heldout=heldout, weights=weights, seed=seed),
+    return (RPrecisionExtractor(t, i, caps, lens, cls, heldout=heldout, weights=weights, seed=seed,
+                                words_num=assets.test.words_num),                # the true caption cut as the pool's
             f"rprec_100_{'heldout' if heldout else 'train'}")
 
 def metric_plan(assets: Assets, n: int, cache_dir, seed: int = 0, device="cpu") -> tuple[list, dict, dict]:
@@ -72,7 +77,7 @@ def metric_plan(assets: Assets, n: int, cache_dir, seed: int = 0, device="cpu") 
         refs["inception"] = compute_reference_stats(dataset_batches(assets.test), assets.inception,
                                                     Path(assets.test.root).name, "test", cache_dir, device=device,
                                                     data_key=assets.info.get("data_fingerprint"))
-        names += [f"fid_{assets.inception.mode}_{n_tag(n)}_test", f"is_inception_{n_tag(n)}"]
+        names += [f"fid_{assets.inception.mode}_{n_tag(n)}_test", is_inception_name(assets.inception.mode, n)]
     return names, ex, refs
 
 # %% ../nbs/07f_evaluation.ipynb

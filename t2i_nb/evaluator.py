@@ -21,10 +21,10 @@ from .synthbirds import ATTRIBUTES, CAPTIONED, SPECIES, parse_caption, read_attr
 from .files import safe_torch_load
 
 # %% auto 0
-__all__ = ['HEADS', 'ARCH_VERSION', 'OPEN_ALWAYS', 'attribute_labels', 'load_split', 'SBEvaluator', 'EvaluatorConfig', 'augment',
-           'predict', 'head_accuracy', 'load_evaluator', 'train_evaluator', 'state_hash', 'read_caption_attributes',
-           'SBFeatures', 'semantic_accuracy', 'consistency', 'pairwise_spread', 'open_attributes', 'diversity_report',
-           'dataset_batches', 'chance_accuracy']
+__all__ = ['HEADS', 'ARCH_VERSION', 'OPEN_ALWAYS', 'CHANCE_KINDS', 'attribute_labels', 'load_split', 'SBEvaluator',
+           'EvaluatorConfig', 'augment', 'predict', 'head_accuracy', 'load_evaluator', 'train_evaluator', 'state_hash',
+           'read_caption_attributes', 'SBFeatures', 'semantic_accuracy', 'consistency', 'pairwise_spread',
+           'open_attributes', 'diversity_report', 'dataset_batches', 'chance_accuracy']
 
 # %% ../nbs/07a_evaluator.ipynb
 HEADS = {"species": len(SPECIES), **{a: len(v) for a, v in ATTRIBUTES.items()}}
@@ -202,6 +202,7 @@ class SBFeatures:
                    **{f"pred_{a}": logits[a].argmax(1) for a in CAPTIONED})
         if "caption" in batch and self.ixtoword is not None: out.update(self.read(batch["caption"], out))
         if "img2" in batch: out["emb2"] = self.model.features(batch["img2"])
+        if "img3" in batch: out["emb3"] = self.model.features(batch["img3"])
         return out
 
     def read(self, captions, out: dict) -> dict:
@@ -221,24 +222,25 @@ class SBFeatures:
 
 # %% ../nbs/07a_evaluator.ipynb
 def semantic_accuracy(mention, correct) -> dict:
-    "Overall and per-attribute share of caption-named attributes read correctly (mention/correct: N×len(CAPTIONED))."
+    ("Share of caption-named attributes read correctly (mention/correct: N×len(CAPTIONED)): pooled over mentions "
+     "(`value`), the mean over attributes (`macro`), and per attribute.")
     m, c = np.asarray(mention, bool), np.asarray(correct, bool)
     per = {f"acc_{a}": (float(c[:, j].sum() / m[:, j].sum()) if m[:, j].any() else None)
            for j, a in enumerate(CAPTIONED)}
     counts = {f"n_{a}": int(m[:, j].sum()) for j, a in enumerate(CAPTIONED)}
-    return dict(value=float(c.sum() / max(m.sum(), 1)), n_mentions=int(m.sum()), **per, **counts)
+    named = [v for v in per.values() if v is not None]
+    return dict(value=float(c.sum() / max(m.sum(), 1)), macro=float(np.mean(named)) if named else None,
+                n_mentions=int(m.sum()), **per, **counts)
 
-def consistency(feats, feats2, seed: int = 0) -> dict:
-    "Cosine of features of fakes from two captions of one image (pos) vs random pairs of different images (neg)."
-    a, b = (F.normalize(torch.as_tensor(feats, dtype=torch.float64), dim=1),
-            F.normalize(torch.as_tensor(feats2, dtype=torch.float64), dim=1))
-    n = len(a)
-    if n < 2: raise ValueError("consistency needs at least 2 images")
-    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-    # a random derangement: no image paired with itself
-    partner = perm[(torch.argsort(perm) + 1) % n]
-    pos, neg = (a * b).sum(1).mean().item(), (a * b[partner]).sum(1).mean().item()
-    return dict(value=pos - neg, pos=pos, neg=neg, ratio=pos / neg if neg else None)
+def consistency(feats, feats2, feats_other) -> dict:
+    ("Fakes of one noise per row: mean cosine of the features of two captions' fakes of one image (`pos`) minus "
+     "that of the first and a fake of another species' caption (`neg`); 0 for a generator that ignores the text.")
+    a, b, c = (F.normalize(torch.as_tensor(x, dtype=torch.float64), dim=1) for x in (feats, feats2, feats_other))
+    if not a.shape == b.shape == c.shape or len(a) == 0:
+        raise ValueError(f"consistency needs three N×D feature arrays of one shape, got "
+                         f"{tuple(a.shape)}, {tuple(b.shape)}, {tuple(c.shape)}")
+    pos, neg = (a * b).sum(1).mean().item(), (a * c).sum(1).mean().item()
+    return dict(value=pos - neg, pos=pos, neg=neg)
 
 # %% ../nbs/07a_evaluator.ipynb
 OPEN_ALWAYS = ("facing", "background")   # attributes no SynthBirds caption mentions (size: when it does not)
@@ -284,10 +286,11 @@ def _semantic(outs, ex, ctx):
         raise ValueError("semantic_acc_sb needs batches with 'caption' and SBFeatures(model, ixtoword=ds.ixtoword)")
     return semantic_accuracy(outs["mention"], outs["correct"])
 
-def _consistency(outs, ex, ctx):
-    if "emb2" not in outs:
-        raise ValueError("consistency_sb needs batches with 'img2' (a fake from a second caption of the same image)")
-    return consistency(outs["emb"], outs["emb2"], ctx.get("seed", 0))
+def _consistency(outs, ex, ctx, negatives):
+    if "emb2" not in outs or "emb3" not in outs:
+        raise ValueError("consistency_sb needs batches with 'img2' (a fake from a second caption of the same image) "
+                         "and 'img3' (a fake from a caption of another species' image), all with the noise of 'img'")
+    return consistency(outs["emb"], outs["emb2"], outs["emb3"])
 
 for _n in (500, 1_000, 2_000, 5_000, 10_000, 30_000):
     for _s in ("test", "train"): register_metric(f"fid_sb_{n_tag(_n)}_{_s}", "sb", _n, split=_s)(_fid_sb)
@@ -296,15 +299,20 @@ register_family(r"fid_sb_(?P<n>\d+k?)_(?P<split>test|train)",
                 lambda name, n, split: register_metric(name, "sb", parse_n(n), split=split)(_fid_sb))
 register_family(r"is_sb_(?P<n>\d+k?)", lambda name, n: register_metric(name, "sb", parse_n(n), splits=10)(_is_sb))
 register_metric("semantic_acc_sb", "sb", None)(_semantic)
-register_metric("consistency_sb", "sb", None)(_consistency)
+register_metric("consistency_sb", "sb", None, negatives="another species' caption, same noise")(_consistency)
 
 # %% ../nbs/07a_evaluator.ipynb
 def dataset_batches(ds: TextImageDataset, batch_size: int = 100, epoch: int = 0, seed: int = 0):
     "Callable yielding batches (img, caption, cap_len, class_id) of `ds` in order, for a metric pass over real images."
     return lambda: iter(epoch_loader(ds, batch_size, epoch=epoch, seed=seed, shuffle=False, drop_last=False))
 
-def chance_accuracy(root, split: str = "test") -> dict:
-    "Semantic accuracy of a reader that ignores the image: sum_v p(v)^2 per captioned attribute of `split`."
+CHANCE_KINDS = ("majority", "shuffled")
+
+def chance_accuracy(root, split: str = "test", kind: str = "majority") -> dict:
+    ("Per captioned attribute of `split`, the semantic accuracy of a reader that ignores the image: "
+     "`majority` always answers the commonest value (max_v p(v)); `shuffled` answers a random image's (Σ_v p(v)²).")
+    if kind not in CHANCE_KINDS: raise ValueError(f"unknown chance kind {kind!r}; valid: {', '.join(CHANCE_KINDS)}")
     df = read_attributes(root)
     df = df[df["split"] == split]
-    return {a: float((df[a].value_counts(normalize=True) ** 2).sum()) for a in CAPTIONED}
+    p = {a: df[a].value_counts(normalize=True) for a in CAPTIONED}
+    return {a: float(v.max() if kind == "majority" else (v ** 2).sum()) for a, v in p.items()}

@@ -17,8 +17,9 @@ from .core import Registry
 from .damsm import damsm_loss, word_mask
 
 # %% auto 0
-__all__ = ['LOSS_PRESETS', 'WEIGHTS', 'nt_xent', 'ProjectionHead', 'image_codes', 'f2f_loss', 'r2f_from_codes', 'r2f_loss',
-           'LossConfig', 'loss_config', 'generator_inputs', 'generate', 'auxiliary_terms', 'generator_objective']
+__all__ = ['LOSS_PRESETS', 'WEIGHTS', 'same_class_negatives', 'nt_xent', 'ProjectionHead', 'image_codes', 'f2f_loss',
+           'r2f_from_codes', 'r2f_loss', 'LossConfig', 'loss_config', 'generator_inputs', 'generate', 'auxiliary_terms',
+           'generator_objective']
 
 # %% ../nbs/06_losses.ipynb
 def _check_pairs(z1, z2, tau):
@@ -28,15 +29,29 @@ def _check_pairs(z1, z2, tau):
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
         raise ValueError(f"temperature tau must be a finite number > 0, got {tau!r}")
 
+def same_class_negatives(classes, device=None) -> torch.Tensor:
+    "2N×2N bool, True where rows k ≠ i of the stacked pairs share i's class but are not i's pair (`classes`: N ids)."
+    c = torch.as_tensor(classes, device=device).reshape(-1)
+    n = len(c); c = c.repeat(2)
+    m = c[:, None] == c[None, :]
+    i = torch.arange(2 * n, device=m.device)
+    m[i, i] = False; m[i, (i + n) % (2 * n)] = False
+    return m
+
 def nt_xent(z1, z2,               # N x D embeddings; row i of z1 and row i of z2 are a positive pair
             tau: float = 0.5,     # temperature (T2I_CL's value; the paper gives none)
-            projection: nn.Module | None = None):  # optional head applied to both before the loss
+            projection: nn.Module | None = None,   # optional head applied to both before the loss
+            classes=None):        # N class ids: drop other rows of row i's class from its denominator (None: keep all)
     "NT-Xent `L_C` of Eq. 1-2 over the 2N stacked rows: cosine / tau, pair = positive, all k != i in the denominator."
     _check_pairs(z1, z2, tau)
     if projection is not None: z1, z2 = projection(z1), projection(z2)
     n = len(z1)
     z = F.normalize(torch.cat([z1, z2]), dim=1)
-    sim = (z @ z.T / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    drop = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    if classes is not None:
+        if len(classes) != n: raise ValueError(f"nt_xent: {len(classes)} class ids for {n} pairs")
+        drop = drop | same_class_negatives(classes, z.device)
+    sim = (z @ z.T / tau).masked_fill(drop, float("-inf"))
     pair = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
     return F.cross_entropy(sim, pair)
 
@@ -53,25 +68,27 @@ def image_codes(img_encoder: nn.Module, images):
     "Global codes B x D of the (frozen) image encoder."
     return img_encoder(images)[1]
 
-def f2f_loss(img_encoder, fake1, fake2, tau: float = 0.5, projection=None):
+def f2f_loss(img_encoder, fake1, fake2, tau: float = 0.5, projection=None, classes=None):
     "Fake-to-fake NT-Xent between the codes of two fakes of the same image (two captions, same noise)."
     c = image_codes(img_encoder, torch.cat([fake1, fake2]))
-    return nt_xent(*c.chunk(2), tau, projection)
+    return nt_xent(*c.chunk(2), tau, projection, classes)
 
-def r2f_from_codes(fake_codes, real_codes, tau: float = 0.5, projection=None):
+def r2f_from_codes(fake_codes, real_codes, tau: float = 0.5, projection=None, classes=None):
     "R2F on codes: NT-Xent of each block of N fake codes against the N real codes, averaged over blocks."
     views = fake_codes.split(len(real_codes))
-    return sum(nt_xent(v, real_codes, tau, projection) for v in views) / len(views)
+    return sum(nt_xent(v, real_codes, tau, projection, classes) for v in views) / len(views)
 
-def r2f_loss(img_encoder, fake, real, tau: float = 0.5, projection=None):
+def r2f_loss(img_encoder, fake, real, tau: float = 0.5, projection=None, classes=None):
     "Real-to-fake NT-Xent between each fake's code and its own real image's code (real side without grad)."
     with torch.no_grad(): real_codes = image_codes(img_encoder, real)
-    return r2f_from_codes(image_codes(img_encoder, fake), real_codes, tau, projection)
+    return r2f_from_codes(image_codes(img_encoder, fake), real_codes, tau, projection, classes)
 
 # %% ../nbs/06_losses.ipynb
+_SWITCHES = ("two_cap", "d_both", "mask_same_class")
+
 @dataclass(frozen=True)
 class LossConfig:
-    "Weights of Eq. 4 and the constants of its terms."
+    "Weights of Eq. 4, the constants of its terms, and the switches that decide which rows the terms see."
     lambda_damsm: float = 0.05  # λ1, DAMSM on the fakes (SSA-GAN: 0.05; style-based AttnGAN: 5)
     lambda_r2f: float = 0.0     # λ2, real-to-fake NT-Xent (L_CR)
     lambda_f2f: float = 0.0     # λ3, fake-to-fake NT-Xent (L_CF); > 0 generates 2N fakes from two captions
@@ -80,10 +97,17 @@ class LossConfig:
     gamma1: float = 5.0         # DAMSM attention sharpness (SSA-GAN 5, AttnGAN 4)
     gamma2: float = 5.0         # DAMSM word-score aggregation
     gamma3: float = 10.0        # DAMSM similarity scale
+    two_cap: bool = False       # two caption sets (2N fakes) even when λ3 = 0: the control for F2F's bigger batch
+    d_both: bool = False        # D also trained on the second caption set's fakes (T2I_CL); False: first set only
+    mask_same_class: bool = False   # F2F/R2F drop negatives of the row's own class from the denominator
 
     def __post_init__(self):
         for f in fields(self):
-            v, low = getattr(self, f.name), 0.0 if f.name.startswith("lambda") else None
+            v = getattr(self, f.name)
+            if f.name in _SWITCHES:
+                if not isinstance(v, bool): raise ValueError(f"LossConfig.{f.name} must be true or false, got {v!r}")
+                continue
+            low = 0.0 if f.name.startswith("lambda") else None
             ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                   and (v >= 0 if low is not None else v > 0))
             if not ok: raise ValueError(f"LossConfig.{f.name} must be a finite number "
@@ -91,13 +115,14 @@ class LossConfig:
 
     @property
     def two_captions(self) -> bool:
-        "Whether a step needs the second caption set (F2F on)."
-        return self.lambda_f2f > 0
+        "Whether a step generates from two caption sets (F2F on, or the `two_cap` control)."
+        return self.two_cap or self.lambda_f2f > 0
 
 # %% ../nbs/06_losses.ipynb
 LOSS_PRESETS = Registry("loss preset", {
     "none": LossConfig(),                                          # SSA-GAN: adversarial + DAMSM
     "f2f": LossConfig(lambda_f2f=0.2),
+    "two_cap": LossConfig(two_cap=True),                           # control: f2f's 2N rows without the F2F term
     "r2f": LossConfig(lambda_r2f=0.2),
     "f2f_r2f": LossConfig(lambda_r2f=0.2, lambda_f2f=0.2),
     "f2f_r2f_cap": LossConfig(lambda_r2f=0.2, lambda_f2f=0.2, lambda_cap=1.0),
@@ -139,8 +164,8 @@ def _check_needs(cfg: LossConfig, fakes, inp, img_encoder, real_imgs, captioner)
     "Clear errors for a term switched on without what it needs."
     if len(fakes) != len(inp["sent"]): raise ValueError(f"{len(fakes)} fakes for {len(inp['sent'])} sentence rows")
     if cfg.two_captions and len(fakes) != 2 * inp["n"]:
-        raise ValueError(f"lambda_f2f={cfg.lambda_f2f} needs 2N={2 * inp['n']} fakes (two caption sets), "
-                         f"got {len(fakes)}: build inputs with generator_inputs(..., cfg)")
+        raise ValueError(f"two caption sets (lambda_f2f={cfg.lambda_f2f}, two_cap={cfg.two_cap}) need "
+                         f"2N={2 * inp['n']} fakes, got {len(fakes)}: build inputs with generator_inputs(..., cfg)")
     need = [("img_encoder", img_encoder, ("lambda_damsm", "lambda_r2f", "lambda_f2f")),
             ("real_imgs", real_imgs, ("lambda_r2f",)), ("captioner", captioner, ("lambda_cap",))]
     for name, obj, lams in need:
@@ -156,13 +181,15 @@ def auxiliary_terms(fakes, inp: dict, cfg: LossConfig, img_encoder=None, real_im
     every = lambda x: gather_rows(x, dist, sets)               # the global batch's rows (one process: x itself)
     if cfg.lambda_damsm or cfg.lambda_r2f or cfg.lambda_f2f:
         feats, code = (every(t.float()) for t in img_encoder(fakes))      # the losses in fp32 under mixed precision
+    cls = every(inp["class_ids"])[:len(code) // sets] if cfg.mask_same_class and (cfg.lambda_r2f or cfg.lambda_f2f) \
+        else None                                                         # one class id per image of the global batch
     if cfg.lambda_damsm:
         t["damsm"] = damsm_loss(feats, code, *(every(inp[k]) for k in ("words", "sent", "cap_lens", "class_ids")),
                                 cfg.gamma1, cfg.gamma2, cfg.gamma3)["total"]
     if cfg.lambda_r2f:
         with torch.no_grad(): real_codes = gather_rows(image_codes(img_encoder, real_imgs).float(), dist)
-        t["r2f"] = r2f_from_codes(code, real_codes, cfg.tau, projection)
-    if cfg.lambda_f2f: t["f2f"] = nt_xent(*code.chunk(2), cfg.tau, projection)
+        t["r2f"] = r2f_from_codes(code, real_codes, cfg.tau, projection, cls)
+    if cfg.lambda_f2f: t["f2f"] = nt_xent(*code.chunk(2), cfg.tau, projection, cls)
     if cfg.lambda_cap: t["cap"] = recaption_loss(captioner, fakes, inp["captions"], inp["cap_lens"])
     return {**t, "total": sum((getattr(cfg, WEIGHTS[k]) * v for k, v in t.items()), fakes.new_zeros(()))}
 

@@ -28,7 +28,8 @@ __all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'RESIZE_MODES', 'METRICS', 'METRIC
            'find_inception_weights', 'make_fake_inception', 'to_uint8', 'check_inception_module', 'InceptionFeatures',
            'maybe_inception', 'save_stats', 'load_stats', 'run_pass', 'compute_reference_stats', 'MetricSpec',
            'MetricRegistry', 'register_metric', 'n_tag', 'parse_n', 'register_family', 'get_metric', 'check_reference',
-           'fid_result', 'RPrecisionExtractor', 'pool_from_dataset', 'compute_metrics', 'write_metrics_json']
+           'fid_result', 'is_inception_name', 'RPrecisionExtractor', 'pool_from_dataset', 'compute_metrics',
+           'write_metrics_json']
 
 # %% ../nbs/07_metrics.ipynb
 def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
@@ -81,16 +82,19 @@ def rprec_hits(image_feats, candidate_feats) -> np.ndarray:
     sims = torch.einsum("nd,nkd->nk", F.normalize(img, dim=-1), F.normalize(cand, dim=-1))
     return (sims[:, 0] > sims[:, 1:].max(1).values).double().cpu().numpy()
 
-def fold_stats(values, folds: int = 10) -> tuple[float, float]:
-    "(mean, std) of the means of `folds` consecutive, near-equal folds of `values`."
+def fold_stats(values, folds: int = 10, seed: int | None = None) -> tuple[float, float]:
+    ("(mean, std) of the means of `folds` near-equal folds of `values`: consecutive, or of a fixed random "
+     "permutation when `seed` is given (DM-GAN shuffles).")
     v = np.asarray(values, np.float64)
     if len(v) < folds: raise ValueError(f"{len(v)} values cannot be split into {folds} folds")
+    if seed is not None: v = v[np.random.default_rng(seed).permutation(len(v))]
     means = [f.mean() for f in np.array_split(v, folds)]
     return float(np.mean(means)), float(np.std(means))
 
-def r_precision(image_feats, candidate_feats, folds: int = 10) -> tuple[float, float]:
-    "R-precision (mean, std over folds); image_feats N×D, candidate_feats N×100×D with the true caption at 0."
-    return fold_stats(rprec_hits(image_feats, candidate_feats), folds)
+def r_precision(image_feats, candidate_feats, folds: int = 10, seed: int | None = 0) -> tuple[float, float]:
+    ("R-precision (mean, std over shuffled folds); image_feats N×D, candidate_feats N×100×D with the true caption "
+     "at 0.")
+    return fold_stats(rprec_hits(image_feats, candidate_feats), folds, seed)
 
 # %% ../nbs/07_metrics.ipynb
 def sample_mismatched(class_ids, pool_class_ids, k: int = 99, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -109,7 +113,7 @@ def sample_mismatched(class_ids, pool_class_ids, k: int = 99, rng: np.random.Gen
 # %% ../nbs/07_metrics.ipynb
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-RESIZE_MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
+RESIZE_MODES = ("clean", "legacy_tensorflow")   # legacy_pytorch (first release) removed: it was not clean-fid's
 
 def inception_search_paths(weights=None) -> list[Path]:
     "Where the Inception file is looked for: `weights` (file or folder), else clean-fid's cache folders."
@@ -174,7 +178,7 @@ class InceptionFeatures:
     "clean-fid's Inception: 2048-d pool3 features and 1008-class probabilities from ONE forward per image."
     name = "inception"
     def __init__(self, weights=None,           # file/folder of inception-2015-12-05.pt; None: clean-fid's cache
-                 mode: str = "clean",          # clean-fid resize mode: 'clean' | 'legacy_tensorflow' | 'legacy_pytorch'
+                 mode: str = "clean",          # clean-fid resize mode: 'clean' | 'legacy_tensorflow'
                  device="cpu"):
         from cleanfid.resize import build_resizer
         if mode not in RESIZE_MODES: raise ValueError(f"unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)}")
@@ -343,13 +347,17 @@ def fid_result(feats, ref: dict, ex_info: dict, split: str, metric: str) -> dict
                 reference=f"{ref.get('dataset')}/{ref.get('split')}", reference_file=ref.get("path"))
 
 # %% ../nbs/07_metrics.ipynb
+def is_inception_name(mode: str, n: int) -> str:
+    "The IS metric of resize `mode` with `n` fakes: `is_inception_30k` (clean), `is_inception_legacy_tensorflow_30k`."
+    return f"is_inception_{n_tag(n)}" if mode == "clean" else f"is_inception_{mode}_{n_tag(n)}"
+
 def _register_inception_metrics(ns=(1_000, 5_000, 10_000, 30_000), modes=RESIZE_MODES, splits=("test",)):
     for n in ns:
         for mode in modes:
             for split in splits:
                 register_metric(f"fid_{mode}_{n_tag(n)}_{split}", "inception", n,
                                 resize=mode, split=split)(_fid_inception)
-        register_metric(f"is_inception_{n_tag(n)}", "inception", n, splits=10)(_is_inception)
+            register_metric(is_inception_name(mode, n), "inception", n, resize=mode, splits=10)(_is_inception)
 
 def _fid_inception(outs, ex, ctx, resize, split):
     if ex.info()["resize"] != resize:
@@ -358,7 +366,7 @@ def _fid_inception(outs, ex, ctx, resize, split):
         raise ValueError("FID needs refs['inception'] = compute_reference_stats(...) of the real images")
     return fid_result(outs["feats"], ctx["refs"]["inception"], ex.info(), split, f"fid_{resize}")
 
-def _is_inception(outs, ex, ctx, splits):
+def _is_inception(outs, ex, ctx, resize, splits):
     m, s = inception_score(outs["probs"], splits)
     return dict(value=m, std=s)
 
@@ -367,8 +375,9 @@ _MODES = "|".join(RESIZE_MODES)
 register_family(rf"fid_(?P<mode>{_MODES})_(?P<n>\d+k?)_(?P<split>test|train)",
                 lambda name, mode, n, split:
                     register_metric(name, "inception", parse_n(n), resize=mode, split=split)(_fid_inception))
-register_family(r"is_inception_(?P<n>\d+k?)",
-                lambda name, n: register_metric(name, "inception", parse_n(n), splits=10)(_is_inception))
+register_family(r"is_inception_(?:(?P<mode>legacy_tensorflow)_)?(?P<n>\d+k?)",
+                lambda name, mode, n: register_metric(name, "inception", parse_n(n), resize=mode or "clean",
+                                                      splits=10)(_is_inception))
 
 # %% ../nbs/07_metrics.ipynb
 class RPrecisionExtractor:
@@ -381,11 +390,12 @@ class RPrecisionExtractor:
                  pool_class_ids,                     # M class ids (a different class is required for a wrong candidate)
                  heldout: bool = True,               # True: encoders never used for training (rprec_*_heldout)
                  weights: dict | None = None,        # {'text': path, 'image': path}: hashed into the result
-                 n_candidates: int = 100, seed: int = 0, batch_size: int = 512):
+                 n_candidates: int = 100, seed: int = 0, batch_size: int = 512,
+                 words_num: int | None = None):      # cut the true caption as the pool's were (None: use it whole)
         self.text_encoder, self.image_encoder = text_encoder.eval(), image_encoder.eval()
         self.pool = (torch.as_tensor(pool_captions), torch.as_tensor(pool_cap_lens))
         self.pool_cls = np.asarray(pool_class_ids).reshape(-1)
-        self.heldout, self.k, self.seed, self.bs = heldout, n_candidates, seed, batch_size
+        self.heldout, self.k, self.seed, self.bs, self.words_num = heldout, n_candidates, seed, batch_size, words_num
         self.weights = {k: str(v) for k, v in (weights or {}).items()}
         self.pool_emb = None
 
@@ -400,11 +410,18 @@ class RPrecisionExtractor:
                                                          lens[i:i + self.bs].to(self.device))[1]
                                        for i in range(0, len(caps), self.bs)])
 
+    def true_captions(self, caps, lens, rng):
+        "The batch's captions processed as the pool's: cut to `words_num` words by `sample_words` (ids, lengths)."
+        if self.words_num is None: return caps, lens
+        out = [sample_words(c[:int(n)].cpu().numpy(), self.words_num, rng) for c, n in zip(caps, lens)]
+        return (torch.from_numpy(np.stack([c for c, _ in out])).to(caps.device),
+                torch.tensor([n for _, n in out], device=caps.device))
+
     def __call__(self, batch: dict) -> dict:
         code = self.image_encoder(batch["img"])[1]
-        sent = self.text_encoder(batch["caption"], batch["cap_len"])[1]
         rng = self.rng if "index" not in batch else \
             np.random.default_rng([self.seed, int(torch.as_tensor(batch["index"])[0])])   # per batch: shards agree
+        sent = self.text_encoder(*self.true_captions(batch["caption"], torch.as_tensor(batch["cap_len"]), rng))[1]
         idx = sample_mismatched(torch.as_tensor(batch["class_id"]).cpu().numpy(), self.pool_cls, self.k - 1, rng)
         cand = torch.cat([sent[:, None], self.pool_emb[torch.as_tensor(idx, device=self.pool_emb.device)]], 1)
         return dict(hits=torch.from_numpy(rprec_hits(code, cand)))
@@ -412,7 +429,7 @@ class RPrecisionExtractor:
     def info(self) -> dict:
         hashes = {f"{k}_encoder_hash": file_hash(p) for k, p in self.weights.items() if Path(p).is_file()}
         return dict(extractor=f"DAMSM encoders ({'held-out' if self.heldout else 'training'})", heldout=self.heldout,
-                    resize="the image encoder's own",
+                    resize="the image encoder's own", words_num=self.words_num,
                     n_candidates=self.k, pool_size=len(self.pool_cls),
                     **{f"{k}_encoder": p for k, p in self.weights.items()}, **hashes)
 
@@ -425,14 +442,15 @@ def pool_from_dataset(ds, words_num: int = 18, seed: int = 0):
             c, n = sample_words(ds.caption_ids(i, j), words_num, rng); caps.append(c); lens.append(n)
     return torch.from_numpy(np.stack(caps)), torch.tensor(lens), np.repeat(np.asarray(ds.class_ids), ds.C)
 
-def _rprec(outs, ex, ctx, heldout, folds):
+def _rprec(outs, ex, ctx, heldout, folds, shuffled_folds):
     if ex.heldout != heldout:
         raise ValueError(f"rprec_100_{'heldout' if heldout else 'train'} needs an extractor with heldout={heldout}")
-    m, s = fold_stats(outs["hits"], folds)
+    m, s = fold_stats(outs["hits"], folds, seed=ctx.get("seed", 0) if shuffled_folds else None)
     return dict(value=m, std=s)
 
 for _h in (True, False):
-    register_metric(f"rprec_100_{'heldout' if _h else 'train'}", "rprec", None, heldout=_h, folds=10)(_rprec)
+    register_metric(f"rprec_100_{'heldout' if _h else 'train'}", "rprec", None, heldout=_h, folds=10,
+                    shuffled_folds=True)(_rprec)
 
 # %% ../nbs/07_metrics.ipynb
 def _jsonable(v):

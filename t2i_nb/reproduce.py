@@ -5,6 +5,7 @@
 # %% ../nbs/08a_reproduce.ipynb 1
 from __future__ import annotations
 import multiprocessing as mp, os, time
+from dataclasses import replace
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -25,7 +26,7 @@ __all__ = ['STUDIES', 'SEEDS', 'study_configs', 'is_done', 'StudyError', 'run_st
 STUDIES = Registry("study preset", {             # dataset -> architecture -> its rows' loss presets
     "synth_birds": {"ssagan": ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap"), "attngan": ("attngan", "attngan_cl"),
                     "style1_attngan": ("style1_attngan", "style1_attngan_f2f"), "style2_attngan": ("style2_attngan_r2f",)},
-    "cub": {"ssagan": ("none", "f2f", "f2f_r2f"),     # Table 1's rows (re-captioning needs a CUB captioner)
+    "cub": {"ssagan": ("none", "f2f", "f2f_r2f", "f2f_r2f_cap"),     # Table 1's rows
             "attngan": ("attngan", "attngan_cl"),
             "style1_attngan": ("style1_attngan", "style1_attngan_f2f"), "style2_attngan": ("style2_attngan_r2f",)},
     "coco": {"ssagan": ("none", "r2f", "f2f_r2f"),    # Table 2's rows
@@ -53,10 +54,10 @@ def is_done(cfg: TrainConfig) -> bool:
 
 def _init_worker(threads: int): torch.set_num_threads(threads)
 
-def _run(cfg: TrainConfig, progress: bool) -> float:
-    "Train one run; its wall time in seconds."
+def _run(cfg: TrainConfig, progress: bool, threads: int | None = None) -> float:
+    "Train one run (with `threads` CPU threads, if given: every run of a study alike); its wall time in seconds."
     t0 = time.time()
-    train(cfg, progress=progress)
+    train(replace(cfg, threads=threads) if threads else cfg, progress=progress)
     return time.time() - t0
 
 class StudyError(RuntimeError):
@@ -73,13 +74,13 @@ def _outcomes(todo: list[TrainConfig], workers: int, threads: int | None):
     if workers == 1:
         if threads: torch.set_num_threads(threads)
         for c in todo:
-            try: yield c, _run(c, progress=True)
+            try: yield c, _run(c, True, threads)
             except Exception as e: yield c, e
         return
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
-        jobs = {pool.submit(_run, c, False): c for c in todo}
+        jobs = {pool.submit(_run, c, False, threads): c for c in todo}
         for job in as_completed(jobs):
             try: yield jobs[job], job.result()
             except Exception as e: yield jobs[job], e

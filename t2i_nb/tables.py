@@ -14,18 +14,28 @@ import pandas as pd
 from .core import Registry, atomic_write
 
 # %% auto 0
-__all__ = ['RUN_KEYS', 'SB_COLUMNS', 'LOSS_ORDER', 'ARCH_ORDER', 'PAPER_TABLES', 'PAPER_COLUMNS', 'SYNTH_STUDY', 'collect_runs',
-           'write_fake_run', 'Column', 'summarize', 'fmt', 'study_table', 'PaperRow', 'paper_table', 'study_plot',
-           'write_tables']
+__all__ = ['RUN_KEYS', 'SUPERSEDED', 'SB_COLUMNS', 'LOSS_ORDER', 'ARCH_ORDER', 'PAPER_TABLES', 'PAPER_COLUMNS', 'SYNTH_STUDY',
+           'metric_name', 'collect_runs', 'write_fake_run', 'Column', 'summarize', 'fmt', 'mean_ci', 'welch_p',
+           'study_table', 'baseline_loss', 'compare', 'compare_table', 'contrast', 'PaperRow', 'paper_table',
+           'study_plot', 'write_tables']
 
 # %% ../nbs/09_tables.ipynb
 RUN_KEYS = ("dataset", "arch", "loss", "seed")
+# metrics whose protocol was fixed after the first release: a result without the fix's protocol field is
+# the old quantity and is listed as `<name>@v0`, never in the same column as the new one
+SUPERSEDED = {"consistency_sb": "protocol_negatives", "rprec_100_heldout": "protocol_shuffled_folds",
+              "rprec_100_train": "protocol_shuffled_folds"}
 
 def _read_json(path: Path):
     try: return json.loads(path.read_text())
     except FileNotFoundError: raise FileNotFoundError(f"{path} is missing: every run directory with a metrics.json "
                                                       f"needs its config.json") from None
     except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+def metric_name(result: dict) -> str:
+    "The metric's name, with `@v0` when it was measured under a superseded protocol (see SUPERSEDED)."
+    name = result["metric"]
+    return f"{name}@v0" if name in SUPERSEDED and SUPERSEDED[name] not in result else name
 
 def collect_runs(root="results") -> pd.DataFrame:
     "One row per (run, metric) of every `<root>/**/metrics.json`: study folder, run folder, config keys, value."
@@ -34,22 +44,25 @@ def collect_runs(root="results") -> pd.DataFrame:
         cfg = _read_json(path.parent / "config.json")["config"]
         for m in _read_json(path):
             rows.append(dict(study=path.parent.parent.relative_to(root).as_posix(), run=path.parent.name,
-                             **{k: cfg[k] for k in RUN_KEYS}, metric=m["metric"], value=float(m["value"])))
+                             **{k: cfg[k] for k in RUN_KEYS}, metric=metric_name(m), value=float(m["value"])))
     return pd.DataFrame(rows, columns=["study", "run", *RUN_KEYS, "metric", "value"])
 
 # %% ../nbs/09_tables.ipynb
-def write_fake_run(run_dir, metrics: dict, dataset="synth_birds", arch="ssagan", loss="none", seed=100) -> Path:
-    "A run directory holding only `config.json` and `metrics.json` (for tests and examples)."
+def write_fake_run(run_dir, metrics: dict, dataset="synth_birds", arch="ssagan", loss="none", seed=100,
+                   protocol: dict | None = None) -> Path:
+    "A run directory holding only `config.json` and `metrics.json` (for tests and examples); `protocol`: fields per metric."
     run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(
         json.dumps(dict(config=dict(dataset=dataset, arch=arch, loss=loss, seed=seed))))
-    (run_dir / "metrics.json").write_text(json.dumps([dict(metric=k, value=v) for k, v in metrics.items()]))
+    protocol = protocol or {}
+    (run_dir / "metrics.json").write_text(json.dumps([dict(metric=k, value=v, **protocol.get(k, {}))
+                                                      for k, v in metrics.items()]))
     return run_dir
 
 # %% ../nbs/09_tables.ipynb
 @dataclass(frozen=True)
 class Column:
-    "A measured column: metrics whose name fully matches `pattern`, shown ×`scale` with `digits` decimals."
+    "A measured column: metrics whose name fully matches `pattern` (or its `@v0` form), shown ×`scale`."
     title: str
     pattern: str
     scale: float = 1.0
@@ -57,7 +70,7 @@ class Column:
     higher_is_better: bool = True
 
     def metrics(self, runs: pd.DataFrame) -> list[str]:
-        return sorted(m for m in runs.metric.unique() if re.fullmatch(self.pattern, m))
+        return sorted(m for m in runs.metric.unique() if re.fullmatch(f"(?:{self.pattern})(?:@v0)?", m))
 
 def summarize(runs: pd.DataFrame, keys=("study", "dataset", "arch", "loss")) -> pd.DataFrame:
     "Mean, sample std and number of seeds of every metric per `keys`."
@@ -68,6 +81,21 @@ def fmt(mean: float, std: float, n: int, scale: float = 1.0, digits: int = 2) ->
     "`mean ± std` (scaled, fixed decimals); just the mean for a single run."
     m = f"{mean * scale:.{digits}f}"
     return m if n < 2 or np.isnan(std) else f"{m} ± {std * scale:.{digits}f}"
+
+def mean_ci(values, level: float = 0.95) -> tuple[float, float, float]:
+    "(mean, low, high): Student-t confidence interval of the mean of `values` (NaN bounds for fewer than 2)."
+    from scipy import stats
+    v = np.asarray(values, np.float64); m = float(v.mean())
+    if len(v) < 2: return m, float("nan"), float("nan")
+    h = float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return m, m - h, m + h
+
+def welch_p(a, b) -> float:
+    "Two-sided Welch's t-test p of two samples (NaN when either has fewer than 2 values or both have no spread)."
+    from scipy import stats
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2 or (a.std() == 0 and b.std() == 0): return float("nan")
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 # %% ../nbs/09_tables.ipynb
 SB_COLUMNS = (
@@ -116,6 +144,58 @@ def study_table(runs: pd.DataFrame, study: str, columns=SB_COLUMNS) -> str:
     return _md(header, [cells[r] for r in rows])
 
 # %% ../nbs/09_tables.ipynb
+def baseline_loss(arch: str) -> str:
+    "The loss preset an architecture's rows are compared with: its plain table row (no contrastive term), else `none`."
+    from t2i_nb.archs import ARCHS
+    presets = ARCHS[arch].presets if arch in ARCHS else {}
+    return next((p for p, over in presets.items() if not over), "none")
+
+def compare(runs: pd.DataFrame, study: str, columns=SB_COLUMNS) -> pd.DataFrame:
+    ("Per metric and (architecture, loss preset) of a study: n, mean, std and 95% CI over seeds (scaled as the "
+     "column), and against the architecture's baseline row: its n and mean, the difference and Welch's p.")
+    sub = runs[runs.study == study]
+    if sub.empty: raise ValueError(f"no runs of study {study!r}; studies found: {sorted(runs.study.unique())}")
+    out = []
+    for col in columns:
+        for name in col.metrics(sub):
+            d = sub[sub.metric == name]
+            for (arch, loss), g in sorted(d.groupby(["arch", "loss"]), key=lambda kv: _row_rank(kv[0])):
+                v, base = g.value.to_numpy() * col.scale, baseline_loss(arch)
+                b = d[(d.arch == arch) & (d.loss == base)].value.to_numpy() * col.scale
+                m, lo, hi = mean_ci(v)
+                vs = loss != base and len(b) > 0
+                out.append(dict(metric=name, arch=arch, loss=loss, n=len(v), mean=m,
+                                std=float(v.std(ddof=1)) if len(v) > 1 else np.nan, ci_low=lo, ci_high=hi,
+                                baseline=base if vs else None, n_baseline=len(b) if vs else 0,
+                                diff=m - float(b.mean()) if vs else np.nan, p=welch_p(v, b) if vs else np.nan,
+                                digits=col.digits, higher_is_better=col.higher_is_better))
+    return pd.DataFrame(out)
+
+def _p(p: float) -> str: return "—" if np.isnan(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+def compare_table(cmp: pd.DataFrame) -> str:
+    "Markdown of `compare`: mean ± std, 95% CI, and the difference from the baseline row with Welch's p."
+    rows = []
+    for r in cmp.itertuples():
+        f = lambda x: "—" if np.isnan(x) else f"{x:.{r.digits}f}"
+        rows.append([f"`{r.metric}`", r.arch, r.loss, str(r.n), fmt(r.mean, r.std, r.n, 1, r.digits),
+                     "—" if np.isnan(r.ci_low) else f"[{f(r.ci_low)}, {f(r.ci_high)}]",
+                     f"{r.baseline} (n={r.n_baseline})" if r.n_baseline else "—",
+                     "—" if np.isnan(r.diff) else f"{r.diff:+.{r.digits}f}", _p(r.p)])
+    return _md(["metric", "architecture", "loss preset", "n", "mean ± std", "95% CI", "vs", "Δ mean", "Welch p"], rows)
+
+
+def contrast(runs: pd.DataFrame, study: str, metric: str, a: tuple, b: tuple) -> dict:
+    ("Two rows `a`, `b` = (arch, loss preset) of a study on one metric: n, mean and std of each, the difference "
+     "a − b and Welch's p (any two rows, e.g. across architectures).")
+    sub = runs[(runs.study == study) & (runs.metric == metric)]
+    va, vb = (sub[(sub.arch == r[0]) & (sub.loss == r[1])].value.to_numpy() for r in (a, b))
+    if not len(va) or not len(vb): raise ValueError(f"{study}: no {metric} runs for {a if not len(va) else b}")
+    sd = lambda v: float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+    return dict(metric=metric, a=" · ".join(a), b=" · ".join(b), n_a=len(va), n_b=len(vb), mean_a=float(va.mean()),
+                mean_b=float(vb.mean()), std_a=sd(va), std_b=sd(vb), diff=float(va.mean() - vb.mean()), p=welch_p(va, vb))
+
+# %% ../nbs/09_tables.ipynb
 @dataclass(frozen=True)
 class PaperRow:
     "A row of the paper's tables, as printed."
@@ -154,8 +234,8 @@ PAPER_TABLES = Registry("paper table", {
     )),
 })
 PAPER_COLUMNS = (
-    Column("IS ↑", r"is_inception_\w+", 1, 2, True),
-    Column("FID ↓", r"fid_(clean|legacy_tensorflow|legacy_pytorch)_\w+", 1, 2, False),
+    Column("IS (ImageNet Inception) ↑", r"is_inception_\w+", 1, 2, True),
+    Column("FID ↓", r"fid_(clean|legacy_tensorflow)_\w+", 1, 2, False),
     Column("R-prec % ↑", r"rprec_100_\w+", 100, 2, True),
 )
 
@@ -183,7 +263,10 @@ def paper_table(runs: pd.DataFrame, name: str) -> str:
             _md(header + ["note"], body) +
             f"\nMeasured rows come from `papermill nbs/reproduce.ipynb OUT.ipynb -p dataset {dataset} -p device cuda` "
             f"(dataset and DAMSM encoders in place, see README) and `-p arch attngan` (or `style1_attngan`, "
-            f"`style2_attngan`) for the other architectures' rows.\n")
+            f"`style2_attngan`) for the other architectures' rows. FID/IS next to published numbers: the "
+            f"`legacy_tensorflow` columns (the paper presets' `fid_mode`); `clean` columns compare our runs."
+            + (" The paper's CUB IS follows StackGAN's protocol, an Inception fine-tuned on CUB; ours is the "
+               "ImageNet network's, a different quantity." if dataset == "cub" else "") + "\n")
 
 # %% ../nbs/09_tables.ipynb
 def study_plot(runs: pd.DataFrame, study: str, path, columns=SB_COLUMNS) -> Path:
@@ -214,12 +297,20 @@ def study_plot(runs: pd.DataFrame, study: str, path, columns=SB_COLUMNS) -> Path
 SYNTH_STUDY = "reproduce/synth_birds"
 
 def write_tables(root="results", out_dir=None, synth_study: str = SYNTH_STUDY) -> dict[str, Path]:
-    "Write `table1_cub.md`, `table2_coco.md` and (when its runs exist) `table_synthbirds.md` + its plot into `out_dir`."
+    ("Write `table1_cub.md`, `table2_coco.md` and (when its runs exist) `table_synthbirds.md` (means, then "
+     "CIs and tests against each architecture's baseline), `synthbirds_stats.csv` and the plot into `out_dir`.")
     runs, out = collect_runs(root), Path(out_dir or root)
     texts = {f"{name}.md": paper_table(runs, name) for name in PAPER_TABLES}
     if (runs.study == synth_study).any():
-        texts["table_synthbirds.md"] = (f"SynthBirds study `{synth_study}`: every architecture and loss preset, "
-                                        f"mean ± std over seeds; best mean in bold\n\n" + study_table(runs, synth_study))
+        cmp = compare(runs, synth_study)
+        texts["table_synthbirds.md"] = (
+            f"SynthBirds study `{synth_study}`: every architecture and loss preset, mean ± std over seeds; best mean "
+            f"in bold. `@v0`: measured under a superseded protocol (09_tables, SUPERSEDED).\n\n" +
+            study_table(runs, synth_study) +
+            "\nEach row against its architecture's baseline row: 95% CI of the mean over seeds (Student t) and "
+            "Welch's t-test p of the difference (two-sided; no correction for multiple comparisons).\n\n" +
+            compare_table(cmp))
+        texts["synthbirds_stats.csv"] = cmp.drop(columns=["digits"]).to_csv(index=False, float_format="%.6g")
     paths = {}
     for name, text in texts.items():
         with atomic_write(out / name) as tmp: Path(tmp).write_text(text)

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .core import (NonFiniteLossError, atomic_torch_save, atomic_write, atomic_write_json, get_device,
+from .core import (NonFiniteLossError, cpu_threads, atomic_torch_save, atomic_write, atomic_write_json, get_device,
                          keep_freed_memory, nonfinite_tensors, rng_state, seed_everything, set_rng_state, to_dict)
 from .data import epoch_loader
 from .files import RunLock, UntrustedFileError, safe_torch_load
@@ -325,7 +325,9 @@ def train(cfg: TrainConfig, assets=None, callbacks=(), progress: bool = True) ->
     if cfg.batch_size % info.world:
         raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the "
                          f"{info.world} processes")
-    if device.type == "cpu": keep_freed_memory()
+    if device.type == "cpu":
+        keep_freed_memory()
+        if cfg.threads or info.world == 1: cpu_threads(cfg.threads)   # torchrun: OMP_NUM_THREADS per process
     if info.main: _check_run_dir(cfg)                # before the lock file is made: a foreign folder gets nothing
     with RunLock(cfg.run_dir) if info.main else contextlib.nullcontext():   # one writer per run folder
         if info.main: _prepare_dir(cfg)
@@ -384,6 +386,7 @@ def _fit(run: RunState, lcfg, cbs, bar):
     channels_last = cuda and getattr(m.arch_cfg, "channels_last", False)
     for epoch in range(run.epoch, cfg.epochs):
         loader.sampler.set_epoch(epoch); run.assets.train.set_epoch(epoch)
+        if run.device.type == "cpu" and cfg.threads is None and info.world == 1: cpu_threads()   # the machine now
         if info.world > 1:   # each rank its own stream for G's own draws (CA, style noise), the same after a resume
             torch.manual_seed(cfg.seed * 1_000_003 + 1_000 * epoch + info.rank)
         for batch in loader:

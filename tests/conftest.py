@@ -33,7 +33,8 @@ def papermill():
 def tiny_run_settings(root, **overrides) -> dict:
     "make_config keywords of a tiny SynthBirds run under `root` (48 training images, batch 8: 6 steps per epoch)."
     kw = dict(data_dir=str(root / "sb"), n_train=48, n_test=16, pretrain_epochs=1, epochs=2, ngf=8, ndf=8,
-              batch_size=8, n_eval=0, device="cpu", out_dir=str(root / "runs"), loss="f2f_r2f", sample_every=2)
+              batch_size=8, n_eval=0, device="cpu", out_dir=str(root / "runs"), loss="f2f_r2f", sample_every=2,
+              threads=2)   # a fixed count: runs compared bit for bit must use the same
     return kw | overrides
 
 

@@ -191,3 +191,54 @@ def test_seeded_generation_is_repeatable_and_leaves_the_callers_rng_alone():
     a2 = generate(m.G_eval, enc.text, b["caption"], b["cap_len"], z, seed=3)
     a3 = generate(m.G_eval, enc.text, b["caption"], b["cap_len"], z, seed=4)
     assert torch.equal(a1, a2) and not torch.equal(a1, a3)
+
+
+def _spy_step(arch, loss, monkeypatch, **lambdas):
+    "One iteration of `arch` with `loss` on toy data; (terms, rows the generator made, rows DAMSM saw, D's input sizes)."
+    import t2i_nb.losses as L
+    from t2i_nb.damsm import damsm_loss as real_damsm                 # the original, not an earlier call's spy
+    seen = {"damsm": [], "D": []}
+    monkeypatch.setattr(L, "damsm_loss", lambda feats, code, *a, **k: seen["damsm"].append(len(code)) or
+                        real_damsm(feats, code, *a, **k))
+    torch.manual_seed(0)
+    m = build_models(tiny_cfg(arch=arch, ema_decay=0.0, lr_d=4e-4), "cpu")
+    d_forward = m.D.forward
+    m.D.forward = lambda x, *a, **k: seen["D"].append(len(x)) or d_forward(x, *a, **k)
+    lcfg = arch_loss_config(arch, "synth_birds", loss, lambdas)
+    torch.manual_seed(1)
+    terms = train_step(m, toy_batch(), toy_encoders(), lcfg, torch.randn(4, 100))
+    return terms, seen
+
+
+def test_two_cap_control_runs_f2fs_rows_without_the_f2f_term(monkeypatch):
+    "The control: 2N generator rows through the adversarial loss and DAMSM as in `f2f`, and nothing else differs."
+    none, s_none = _spy_step("ssagan", "none", monkeypatch)
+    ctrl, s_ctrl = _spy_step("ssagan", "two_cap", monkeypatch)
+    f2f, s_f2f = _spy_step("ssagan", "f2f", monkeypatch)
+    assert "g_f2f" not in ctrl and "g_f2f" in f2f and set(ctrl) == set(none)
+    assert s_none["damsm"] == [4] and s_ctrl["damsm"] == s_f2f["damsm"] == [8]          # DAMSM on N vs 2N fakes
+    # D step: real + first set's fakes (8 rows); MA-GP: real (4); G step: every fake (N or 2N)
+    assert s_none["D"] == [8, 4, 4] and s_ctrl["D"] == s_f2f["D"] == [8, 4, 8]
+    for k in ("d_loss", "magp", "g_adv", "g_damsm"):                                     # same inputs, same numbers
+        assert ctrl[k] == pytest.approx(f2f[k], rel=1e-6), k
+    assert f2f["g_loss"] == pytest.approx(ctrl["g_loss"] + 0.2 * f2f["g_f2f"], rel=1e-5)
+    both, s_both = _spy_step("ssagan", "two_cap", monkeypatch, d_both=True)              # D on both caption sets
+    assert s_both["D"] == [16, 4, 8]
+
+
+def test_d_both_and_class_masking_switch_what_they_say(monkeypatch):
+    "AttnGAN family: D sees both caption sets by default (T2I_CL) and one set when told; masking changes only F2F."
+    both, _ = _spy_step("attngan", "attngan_cl", monkeypatch)
+    one, _ = _spy_step("attngan", "attngan_cl", monkeypatch, d_both=False)
+    assert both["d_loss"] != pytest.approx(one["d_loss"])
+    masked, _ = _spy_step("attngan", "attngan_cl", monkeypatch, mask_same_class=True)
+    assert masked["g_f2f"] == pytest.approx(both["g_f2f"], rel=1e-6)       # toy batch: 4 classes, nothing to mask
+    b = toy_batch(); b["class_id"] = torch.tensor([0, 0, 1, 1])
+    inp = generator_inputs(toy_encoders().text, b, arch_loss_config("ssagan", "synth_birds", "f2f"), torch.randn(4, 100))
+    fakes = torch.rand(8, 3, 64, 64) * 2 - 1
+    enc = toy_encoders().image
+    plain = auxiliary_terms(fakes, inp, arch_loss_config("ssagan", "synth_birds", "f2f"), enc)["f2f"]
+    mask = auxiliary_terms(fakes, inp, arch_loss_config("ssagan", "synth_birds", "f2f", {"mask_same_class": True}), enc)["f2f"]
+    codes = enc(fakes)[1]
+    assert mask == pytest.approx(float(nt_xent(*codes.chunk(2), 0.5, classes=[0, 0, 1, 1])), rel=1e-6)
+    assert plain == pytest.approx(float(nt_xent(*codes.chunk(2), 0.5)), rel=1e-6) and mask != pytest.approx(plain)

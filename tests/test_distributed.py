@@ -31,7 +31,7 @@ train(make_config(**kw), callbacks=[KillRank0At()] if kill_at else [], progress=
 def tiny(tmp_path_factory):
     "Tiny SynthBirds settings: global batch 8 (6 steps per epoch), 2 epochs, EMA on; assets cached once."
     root = tmp_path_factory.mktemp("dist")
-    kw = tiny_run_settings(root, ema_decay=0.9)
+    kw = tiny_run_settings(root, ema_decay=0.9, threads=None)   # torchrun: OMP_NUM_THREADS=1 per process
     prepare_assets(make_config(**kw))
     (root / "script.py").write_text(SCRIPT)
     return kw, root / "script.py"

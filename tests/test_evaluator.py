@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from t2i_nb.cache import cached_asset
 from t2i_nb.core import to_dict
 from t2i_nb.data import TextImageDataset, dataset_fingerprint
-from t2i_nb.evaluator import (ARCH_VERSION, EvaluatorConfig, SBFeatures, chance_accuracy, consistency, dataset_batches,
+from t2i_nb.evaluator import (ARCH_VERSION, EvaluatorConfig, SBFeatures, chance_accuracy, dataset_batches,
                               load_evaluator, predict, read_caption_attributes, train_evaluator)
 from t2i_nb.metrics import METRICS, compute_metrics, compute_reference_stats, get_metric
 from t2i_nb.synthbirds import ATTRIBUTES, CAPTIONED, make_synth_birds, read_attributes
@@ -73,10 +73,31 @@ def test_shuffled_captions_drop_semantic_accuracy_to_chance(sb):
             for b in dataset_batches(dte, 100, epoch=ep)():
                 yield {**b, "caption": b["caption"][torch.randperm(len(b["caption"]), generator=g)]}
     shuf = compute_metrics(["semantic_acc_sb"], shuffled, {"sb": sbx})[0]
-    ch = chance_accuracy(root, "test")
+    ch = chance_accuracy(root, "test", kind="shuffled")
     chance = sum(ch[a] * shuf[f"n_{a}"] for a in CAPTIONED) / shuf["n_mentions"]
     assert own["value"] > chance + 0.4
     assert abs(shuf["value"] - chance) < 0.08, (shuf["value"], chance)
+
+
+def test_majority_chance_is_the_commonest_value_and_above_the_shuffled_rate(sb):
+    root = sb[0]
+    df = read_attributes(root); df = df[df["split"] == "test"]
+    major, shuffled = chance_accuracy(root, "test"), chance_accuracy(root, "test", kind="shuffled")
+    for a in CAPTIONED:
+        counts = {}
+        for v in df[a]: counts[v] = counts.get(v, 0) + 1                # a plain count as the reference
+        assert major[a] == pytest.approx(max(counts.values()) / len(df))
+        assert shuffled[a] == pytest.approx(sum((c / len(df)) ** 2 for c in counts.values()))
+        assert major[a] >= shuffled[a]
+    with pytest.raises(ValueError, match="unknown chance kind 'random'; valid: majority, shuffled"):
+        chance_accuracy(root, "test", kind="random")
+
+
+def test_semantic_accuracy_macro_is_the_mean_over_attributes(sb):
+    _, _, _, dte, _, sbx = sb
+    res = compute_metrics(["semantic_acc_sb"], dataset_batches(dte, 50), {"sb": sbx})[0]
+    per = [res[f"acc_{a}"] for a in CAPTIONED if res[f"acc_{a}"] is not None]
+    assert res["macro"] == pytest.approx(np.mean(per)) and len(per) >= 5
 
 
 def test_fid_sb_real_near_zero_and_larger_for_corrupted_images(sb, tmp_path):
@@ -99,14 +120,13 @@ def test_fid_sb_real_near_zero_and_larger_for_corrupted_images(sb, tmp_path):
 
 def test_consistency_and_is_sb(sb):
     _, _, _, dte, _, sbx = sb
-    same = lambda: ({**b, "img2": b["img"]} for b in dataset_batches(dte, 50)())
-    other = lambda: ({**b, "img2": b["img"].roll(1, 0)} for b in dataset_batches(dte, 50)())
+    same = lambda: ({**b, "img2": b["img"], "img3": b["img"].roll(1, 0)} for b in dataset_batches(dte, 50)())
+    blind = lambda: ({**b, "img2": b["img"], "img3": b["img"]} for b in dataset_batches(dte, 50)())
     r_same = compute_metrics(["consistency_sb"], same, {"sb": sbx})[0]
-    r_other = compute_metrics(["consistency_sb"], other, {"sb": sbx})[0]
+    r_blind = compute_metrics(["consistency_sb"], blind, {"sb": sbx})[0]
     assert r_same["pos"] == pytest.approx(1.0) and r_same["value"] > 0.1
-    assert abs(r_other["value"]) < 0.1
-    f = torch.randn(20, 4)
-    assert consistency(f, f, seed=3) == consistency(f, f, seed=3)
+    assert r_blind["value"] == pytest.approx(0.0, abs=1e-12)
+    assert r_same["protocol_negatives"] == "another species' caption, same noise"
     assert {"fid_sb_2k_test", "fid_sb_500_train", "is_sb_5k", "semantic_acc_sb", "consistency_sb"} <= set(METRICS)
     assert get_metric("fid_sb_1500_test").n == 1500 and get_metric("is_sb_300").protocol == dict(splits=10)
     with pytest.raises(ValueError, match="needs batches with 'img2'"):
@@ -148,3 +168,23 @@ def test_diversity_is_zero_for_one_image_per_caption_and_near_one_for_real_birds
     real = diversity_sb(_RealBirds(dte), a, n_captions=30, n_noise=8, nz=4)
     assert 0.8 < real["value"] < 1.2, real
     assert set(real) >= {"spread_fake_facing", "spread_real_background", "protocol_n_noise"}
+
+
+class _Blind(torch.nn.Module):
+    "Stand-in generator that ignores the text: a real test image chosen by the noise alone."
+    def __init__(self, ds):
+        super().__init__(); self.imgs = torch.stack([ds[i]["img"] for i in range(len(ds))])
+    def final_image(self, noise, sent, words, mask):
+        return self.imgs[(noise[:, 0].abs() * 1e4).long() % len(self.imgs)]
+
+
+def test_consistency_game_text_ignoring_generator_scores_zero_and_a_faithful_one_above(sb):
+    "Through the evaluation's own fake batches: only following the text can raise consistency_sb."
+    from t2i_nb.evaluation import fake_batches
+    _, _, _, dte, _, sbx = sb
+    enc = _ByCaption(dte)
+    score = lambda G: compute_metrics(["consistency_sb"], lambda: fake_batches(G, enc, dte, 100, 50, pairs=True, nz=4),
+                                      {"sb": sbx})[0]
+    blind, faithful = score(_Blind(dte)), score(_RealBirds(dte))
+    assert blind["value"] == pytest.approx(0.0, abs=1e-9) and blind["pos"] == pytest.approx(1.0)
+    assert faithful["value"] > 0.2, faithful                  # the same species' image vs another species'

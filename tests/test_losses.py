@@ -135,7 +135,7 @@ def test_recaption_loss_differentiable_wrt_fake_only(trained_captioner):
 
 # ---------------------------------------------------------------- presets and the objective
 def test_loss_presets_and_errors():
-    assert set(LOSS_PRESETS) == {"none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap"}
+    assert set(LOSS_PRESETS) == {"none", "f2f", "two_cap", "r2f", "f2f_r2f", "f2f_r2f_cap"}
     p = {k: loss_config(k) for k in LOSS_PRESETS}
     assert all(c.lambda_damsm == 0.05 and c.tau == 0.5 for c in p.values())
     assert (p["f2f_r2f_cap"].lambda_r2f, p["f2f_r2f_cap"].lambda_f2f, p["f2f_r2f_cap"].lambda_cap) == (0.2, 0.2, 1.0)

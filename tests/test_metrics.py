@@ -11,7 +11,9 @@ from scipy import linalg
 from t2i_nb.metrics import (INCEPTION_FILE, INCEPTION_URL, METRICS, InceptionFeatures, RPrecisionExtractor,
                             compute_metrics, get_metric, compute_reference_stats, feature_stats,
                             find_inception_weights, fold_stats, frechet_distance, inception_score, make_fake_inception,
-                            r_precision, run_pass, to_uint8, write_metrics_json)
+                            r_precision, run_pass, to_uint8, write_metrics_json, is_inception_name)
+from t2i_nb.core import UnknownNameError
+from t2i_nb.data import sample_words
 
 
 def sqrtm_fid(mu1, s1, mu2, s2):
@@ -67,7 +69,10 @@ def test_r_precision_equals_plain_loop_and_is_one_when_matching():
         cos = [cand[i, k] @ img[i] / np.linalg.norm(cand[i, k]) / np.linalg.norm(img[i]) for k in range(100)]
         hits.append(float(np.argmax(cos) == 0 and sum(c == max(cos) for c in cos) == 1))
     folds = [np.mean(hits[i:i + 6]) for i in range(0, 60, 6)]
-    assert r_precision(img, cand, folds=10) == pytest.approx((np.mean(folds), np.std(folds)), abs=1e-12)
+    assert r_precision(img, cand, folds=10, seed=None) == pytest.approx((np.mean(folds), np.std(folds)), abs=1e-12)
+    sh = np.asarray(hits)[np.random.default_rng(5).permutation(60)]                # DM-GAN: shuffled, then folds
+    folds = [sh[i:i + 6].mean() for i in range(0, 60, 6)]
+    assert r_precision(img, cand, folds=10, seed=5) == pytest.approx((np.mean(folds), np.std(folds)), abs=1e-12)
     cand[:, 0] = 2 * img
     assert r_precision(img, cand) == (1.0, 0.0)
     with pytest.raises(ValueError, match="N×K×D"): r_precision(img, cand[:, :, :5])
@@ -81,6 +86,53 @@ class _BagText(nn.Module):
 
 class _CodeInPixels(nn.Module):
     def forward(self, img): return None, img[:, 0, 0, :16]
+
+
+def test_shuffled_folds_give_the_sampling_std_on_class_grouped_hits():
+    "Hits in class order (as CUB's test split): consecutive folds measure how classes differ, shuffled ones the noise."
+    rng = np.random.default_rng(1)
+    p_class = rng.uniform(0.05, 0.95, 50)
+    hits = (rng.random((50, 60)) < p_class[:, None]).astype(float).ravel()       # 3,000 hits, 50 classes of 60: CUB-like
+    p = hits.mean(); sampling = np.sqrt(p * (1 - p) / 300)                      # std of a mean of 300 hits
+    consecutive = fold_stats(hits, 10)[1]
+    shuffled = np.mean([fold_stats(hits, 10, seed=s)[1] for s in range(100)])
+    assert consecutive > 3 * sampling, (consecutive, sampling)
+    assert shuffled == pytest.approx(sampling, rel=0.15), (shuffled, sampling)
+    assert fold_stats(hits, 10, seed=3) == fold_stats(hits, 10, seed=3)         # a fixed seed: reproducible
+
+
+class _LongerIsCloser(nn.Module):
+    "Text encoder whose sentence vector is the sum of word vectors u + noise: more words, closer to u."
+    def __init__(self, d=16):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.u, self.noise = torch.randn(d, generator=g), torch.randn(60, d, generator=g)
+    def forward(self, caps, lens):
+        on = (caps != 0).float()[..., None]
+        return None, ((self.u + self.noise[caps]) * on).sum(1)
+
+
+def test_true_caption_is_cut_like_the_distractors():
+    "Long captions, words_num 4: whole, the true caption (more words) wins by length alone; cut alike, it does not."
+    g = np.random.default_rng(0)
+    txt = _LongerIsCloser()
+    caps = torch.from_numpy(g.integers(1, 60, (300, 20)))
+    lens, cls = torch.full((300,), 20), np.arange(300) // 3
+    pool = [sample_words(c.numpy(), 4, g) for c in caps]
+    pool_caps, pool_lens = torch.from_numpy(np.stack([c for c, _ in pool])), torch.tensor([n for _, n in pool])
+
+    def batches():                                   # every "fake" has the code u: it matches no caption in particular
+        for s in range(0, 300, 50):
+            img = torch.zeros(50, 3, 16, 16); img[:, 0, 0] = txt.u
+            yield dict(img=img, caption=caps[s:s + 50], cap_len=lens[s:s + 50], class_id=torch.as_tensor(cls[s:s + 50]))
+    rate = lambda **kw: compute_metrics(["rprec_100_heldout"], batches, {"rprec": RPrecisionExtractor(
+        txt, _CodeInPixels(), pool_caps, pool_lens, cls, **kw)})[0]
+    whole, cut = rate(), rate(words_num=4)
+    assert whole["value"] > 0.5 and cut["value"] < 0.1, (whole["value"], cut["value"])   # 0.70 vs 0.017
+    assert cut["words_num"] == 4 and cut["protocol_shuffled_folds"] is True
+    ex = RPrecisionExtractor(txt, _CodeInPixels(), pool_caps, pool_lens, cls, words_num=4)
+    c, n = ex.true_captions(caps[:4], lens[:4], np.random.default_rng(0))
+    assert n.tolist() == [4] * 4 and all(set(r[:4].tolist()) <= set(o.tolist()) for r, o in zip(c, caps[:4]))
 
 
 def test_rprec_extractor_uses_other_class_candidates_and_records_heldout():
@@ -115,7 +167,7 @@ def test_one_pass_fid_is_equals_two_separate_passes(fake_inception, tmp_path, mo
     from cleanfid.resize import build_resizer
     inc = InceptionFeatures(fake_inception, mode=mode)
     ref = compute_reference_stats(lambda: _images(80, 40, seed=1), inc, "noise", "test", tmp_path)
-    one = compute_metrics([f"fid_{mode}_50_test", "is_inception_50"], lambda: _images(50, 25, seed=2, shift=0.2),
+    one = compute_metrics([f"fid_{mode}_50_test", is_inception_name(mode, 50)], lambda: _images(50, 25, seed=2, shift=0.2),
                           {"inception": inc}, refs={"inception": ref})
     cf = InceptionV3W(str(fake_inception.parent), download=False, resize_inside=(mode == "legacy_tensorflow")).eval()
     net, resize = torch.jit.load(str(fake_inception)).eval(), build_resizer(mode)
@@ -152,7 +204,9 @@ def test_protocol_mismatch_and_unknown_names_are_errors(fake_inception, tmp_path
         compute_metrics(["fid_clean_120_test"], lambda: _images(120, 60, seed=2), {"inception": inc}, refs={"inception": ref})
     with pytest.raises(KeyError, match="valid metrics"): METRICS["fid50k"]
     with pytest.raises(KeyError, match="or a name matching"): get_metric("fid_bicubic_30k_test")
-    assert get_metric("fid_legacy_pytorch_2500_test").n == 2500 and get_metric("is_inception_7k").n == 7000
+    assert get_metric("fid_legacy_tensorflow_2500_test").n == 2500 and get_metric("is_inception_7k").n == 7000
+    assert get_metric("is_inception_legacy_tensorflow_7k").protocol == dict(resize="legacy_tensorflow", splits=10)
+    with pytest.raises(UnknownNameError): get_metric("fid_legacy_pytorch_2500_test")          # removed: not clean-fid's
     with pytest.raises(ValueError, match="need extractors"): compute_metrics(["is_inception_120"], None, {})
 
 
@@ -178,7 +232,7 @@ def test_results_are_flat_json(tmp_path):
         name = "c"
         def setup(self, device): pass
         def __call__(self, b): return dict(probs=torch.eye(4)[torch.arange(len(b["img"])) % 4])
-        def info(self): return dict(extractor="const", weights_hash=np.str_("abc"), resize="none")
+        def info(self): return dict(extractor="const", weights_hash=np.str_("abc"), resize="clean")
     res = compute_metrics(["is_inception_120"], lambda: _images(120, 40, seed=0), {"inception": Const()}, seed=7)
     assert res[0]["value"] == pytest.approx(4.0) and res[0]["seed"] == 7
     p = write_metrics_json(res, tmp_path / "m.json")

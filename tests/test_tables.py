@@ -4,10 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from t2i_nb.tables import SYNTH_STUDY, collect_runs, paper_table, study_table, write_fake_run, write_tables
+from t2i_nb.tables import SYNTH_STUDY, collect_runs, compare, paper_table, study_table, write_fake_run, write_tables
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLES = ("table1_cub.md", "table2_coco.md", "table_synthbirds.md")
+TABLES = ("table1_cub.md", "table2_coco.md", "table_synthbirds.md", "synthbirds_stats.csv")
 
 
 def test_committed_tables_are_regenerated_identically_from_committed_metrics(tmp_path):
@@ -18,16 +18,22 @@ def test_committed_tables_are_regenerated_identically_from_committed_metrics(tmp
 
 
 def test_committed_synthbirds_study_has_every_row_with_the_same_three_seeds():
-    "Every row of the study shares seeds 100-102 and one set of pretrained assets (the same evaluator weights)."
+    "Every row of the study (every architecture) shares seeds 100-102 and one set of pretrained assets (one evaluator)."
     runs = collect_runs(ROOT / "results")
     study = runs[runs.study == SYNTH_STUDY]
     seeds = study.groupby(["arch", "loss"]).seed.apply(lambda s: tuple(sorted(set(s))))
-    rows = [("ssagan", "none"), ("ssagan", "f2f"), ("attngan", "attngan"), ("attngan", "attngan_cl")]
+    rows = [("ssagan", "none"), ("ssagan", "f2f"), ("attngan", "attngan"), ("attngan", "attngan_cl"),
+            ("style1_attngan", "style1_attngan"), ("style1_attngan", "style1_attngan_f2f"),
+            ("style2_attngan", "style2_attngan_r2f")]
     assert dict(seeds) == {r: (100, 101, 102) for r in rows}
     import json
     hashes = {m.get("weights_hash") for p in (ROOT / "results" / SYNTH_STUDY).glob("*/metrics.json")
               for m in json.loads(p.read_text()) if m["metric"] == "fid_sb_1k_test"}
     assert len(hashes) == 1 and None not in hashes
+
+
+NEW = {"rprec_100_heldout": {"protocol_shuffled_folds": True}, "rprec_100_train": {"protocol_shuffled_folds": True},
+       "consistency_sb": {"protocol_negatives": "another species' caption, same noise"}}
 
 
 @pytest.fixture
@@ -38,9 +44,10 @@ def study(tmp_path):
         for seed in (1, 2, 3):
             v = dict(fid_sb_1k_test=rng.uniform(5, 9), is_sb_1k=rng.uniform(8, 10), rprec_100_heldout=rng.uniform(0.1, 0.3),
                      semantic_acc_sb=rng.uniform(0.4, 0.7), consistency_sb=rng.uniform(0.2, 0.4))
-            write_fake_run(tmp_path / SYNTH_STUDY / f"ssagan-{loss}-s{seed}", v, loss=loss, seed=seed)
+            write_fake_run(tmp_path / SYNTH_STUDY / f"ssagan-{loss}-s{seed}", v, loss=loss, seed=seed, protocol=NEW)
             vals.setdefault(loss, []).append(v)
-    write_fake_run(tmp_path / "runs" / "coco-run", dict(fid_clean_30k_test=20.0, rprec_100_train=0.9), dataset="coco", loss="r2f")
+    write_fake_run(tmp_path / "runs" / "coco-run", dict(fid_clean_30k_test=20.0, rprec_100_train=0.9), dataset="coco", loss="r2f",
+                   protocol=NEW)
     return tmp_path, vals
 
 
@@ -86,3 +93,22 @@ def test_a_corrupt_metrics_file_is_named(tmp_path):
     (run / "metrics.json").write_text("[{")
     with pytest.raises(ValueError, match=r"r/metrics.json is not valid JSON"):
         collect_runs(tmp_path)
+
+
+def test_comparisons_use_welch_and_the_architectures_own_baseline(study):
+    from scipy import stats
+    root, vals = study
+    cmp = compare(collect_runs(root), SYNTH_STUDY).set_index(["metric", "loss"])
+    a = [r["semantic_acc_sb"] * 100 for r in vals["f2f_r2f"]]; b = [r["semantic_acc_sb"] * 100 for r in vals["none"]]
+    row = cmp.loc[("semantic_acc_sb", "f2f_r2f")]
+    assert row.baseline == "none" and row.n == row.n_baseline == 3
+    assert row.p == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-12)
+    half = stats.t.ppf(0.975, 2) * np.std(a, ddof=1) / np.sqrt(3)
+    assert (row.ci_low, row.ci_high) == pytest.approx((np.mean(a) - half, np.mean(a) + half), rel=1e-12)
+
+
+def test_a_metric_measured_under_a_superseded_protocol_gets_its_own_column(tmp_path):
+    write_fake_run(tmp_path / "s" / "ssagan-none-s1", {"consistency_sb": 0.3})                      # first release
+    write_fake_run(tmp_path / "s" / "ssagan-f2f-s1", {"consistency_sb": 0.1}, loss="f2f", protocol=NEW)
+    header = study_table(collect_runs(tmp_path), "s").splitlines()[0]
+    assert "`consistency_sb@v0`" in header and "`consistency_sb`" in header
