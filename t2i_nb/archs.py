@@ -148,9 +148,9 @@ def _ssagan_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tenso
         fake = m.G(inp["noise"], inp["sent"])[0]                              # one generator call for all rows
         k = len(fake) // B if lcfg.d_both else 1                              # caption sets D is trained on
         d_sents = inp["sent"][:k * B]
-        d_mis = torch.cat([s[mis] for s in d_sents.split(B)])
-        terms = d_step(m.G, m.D, m.optD, real.repeat(k, 1, 1, 1), d_sents, d_mis, noise, m.arch_cfg,
-                       fake=fake[:k * B], prec=prec)
+        d_mis = sent[mis] if k == 1 else torch.cat([s[mis] for s in d_sents.split(B)])
+        terms = d_step(m.G, m.D, m.optD, real if k == 1 else real.repeat(k, 1, 1, 1), d_sents, d_mis, noise,
+                       m.arch_cfg, fake=fake[:k * B], prec=prec)
     if not m.arch_cfg.fold_magp: terms |= magp_step(m.D, m.optD, real, sent, m.arch_cfg, prec=prec)   # fp32
     extra = lambda f: auxiliary_terms(f, inp, lcfg, enc.image, real, enc.captioner, dist=dist)   # global-batch losses
     with prec.autocast():      # D unwrapped: frozen in the G step, so DDP must not wait for its gradients
