@@ -47,6 +47,8 @@ class Assets:
     captioner: torch.nn.Module | None = None
     inception: object = None                       # t2i_nb.metrics.InceptionFeatures (CUB/COCO FID and IS)
     info: dict = field(default_factory=dict)
+    indep_text_enc: torch.nn.Module | None = None  # independent pair for rprec_100_indep (SynthBirds: 07aa_retrieval)
+    indep_img_enc: torch.nn.Module | None = None
 
     def encoders(self, lcfg) -> Encoders:
         "The frozen networks the generator objective uses."
@@ -55,7 +57,7 @@ class Assets:
         return Encoders(self.text_enc, self.img_enc, self.captioner if lcfg.lambda_cap > 0 else None)
 
     def __repr__(self):
-        nets = [k for k in ("eval_text_enc", "evaluator", "captioner") if getattr(self, k) is not None]
+        nets = [k for k in ("eval_text_enc", "indep_text_enc", "evaluator", "captioner") if getattr(self, k) is not None]
         return (f"Assets(train={self.train!r}, test={len(self.test)} images, "
                 f"DAMSM + {', '.join(nets) or 'nothing else'})")
 
@@ -107,6 +109,15 @@ def _synth_evaluator(cfg, device, data_key: str):
     model, report = load_evaluator(folder, device)
     return _frozen(model), dict(weights=model.weights_path, test_accuracy=report.get("test_accuracy"))
 
+def _synth_retrieval(cfg, train, device, data_key: str):
+    "The independent retrieval pair (`07aa_retrieval`): trained once on fresh draws of as many birds as the train split."
+    from t2i_nb.retrieval import ARCH_VERSION, RetrievalConfig, load_retrieval, train_retrieval
+    rcfg = _epochs(RetrievalConfig(n_images=len(train), img_size=cfg.img_size), cfg)
+    folder = cached_asset(Path(cfg.data_dir) / "t2i_cache", "retrieval", dict(to_dict(rcfg), arch_version=ARCH_VERSION),
+                          lambda out: train_retrieval(cfg.data_dir, rcfg, device, out_dir=out), data_key)
+    t, i, report = load_retrieval(folder, train.n_words, device)
+    return t, i, dict(pair=str(folder / "retrieval.pt"), real_rprec=report["real_rprec"])
+
 def _captioner(cfg, train, device, data_key: str):
     "The re-captioning model F_C, pretrained on the dataset's real training images once, then read from the cache."
     from t2i_nb.captioner import CaptionerConfig, load_captioner, pretrain_captioner
@@ -130,6 +141,7 @@ def prepare_assets(cfg: TrainConfig, device=None) -> Assets:
         t, i, damsm = _synth_damsm(cfg, train, device, heldout=False, data_key=fp)
         et, ei, edamsm = _synth_damsm(cfg, train, device, heldout=True, data_key=fp)
         ev, ev_info = _synth_evaluator(cfg, device, fp)
+        it, ii, indep = _synth_retrieval(cfg, train, device, fp)
         inception = None
     else:
         from t2i_nb.metrics import InceptionFeatures
@@ -138,8 +150,8 @@ def prepare_assets(cfg: TrainConfig, device=None) -> Assets:
         t, i, damsm = _damsm_pair(cfg.damsm_dir or Path(cfg.data_dir) / "DAMSMencoders", train.n_words, device)
         et, ei, edamsm = (_damsm_pair(cfg.eval_damsm_dir, train.n_words, device) if cfg.eval_damsm_dir
                           else (None, None, None))
-        ev, ev_info = None, None
+        ev, ev_info, it, ii, indep = None, None, None, None, None
     cap, cap_info = _captioner(cfg, train, device, fp) if need_cap else (None, None)   # pretrained once, then cached
     info = dict(data_dir=str(cfg.data_dir), data_fingerprint=fp, damsm=damsm, eval_damsm=edamsm, evaluator=ev_info,
-                captioner=cap_info, inception=inception.info() if inception else None)
-    return Assets(train, test, t, i, et, ei, ev, cap, inception, info)
+                captioner=cap_info, inception=inception.info() if inception else None, indep_pair=indep)
+    return Assets(train, test, t, i, et, ei, ev, cap, inception, info, it, ii)

@@ -391,11 +391,13 @@ class RPrecisionExtractor:
                  heldout: bool = True,               # True: encoders never used for training (rprec_*_heldout)
                  weights: dict | None = None,        # {'text': path, 'image': path}: hashed into the result
                  n_candidates: int = 100, seed: int = 0, batch_size: int = 512,
-                 words_num: int | None = None):      # cut the true caption as the pool's were (None: use it whole)
+                 words_num: int | None = None,       # cut the true caption as the pool's were (None: use it whole)
+                 label: str = "DAMSM encoders"):     # what the encoders are, for `metrics.json`
         self.text_encoder, self.image_encoder = text_encoder.eval(), image_encoder.eval()
         self.pool = (torch.as_tensor(pool_captions), torch.as_tensor(pool_cap_lens))
         self.pool_cls = np.asarray(pool_class_ids).reshape(-1)
         self.heldout, self.k, self.seed, self.bs, self.words_num = heldout, n_candidates, seed, batch_size, words_num
+        self.label = label
         self.weights = {k: str(v) for k, v in (weights or {}).items()}
         self.pool_emb = None
 
@@ -428,7 +430,7 @@ class RPrecisionExtractor:
 
     def info(self) -> dict:
         hashes = {f"{k}_encoder_hash": file_hash(p) for k, p in self.weights.items() if Path(p).is_file()}
-        return dict(extractor=f"DAMSM encoders ({'held-out' if self.heldout else 'training'})", heldout=self.heldout,
+        return dict(extractor=f"{self.label} ({'held-out' if self.heldout else 'training'})", heldout=self.heldout,
                     resize="the image encoder's own", words_num=self.words_num,
                     n_candidates=self.k, pool_size=len(self.pool_cls),
                     **{f"{k}_encoder": p for k, p in self.weights.items()}, **hashes)
@@ -444,13 +446,15 @@ def pool_from_dataset(ds, words_num: int = 18, seed: int = 0):
 
 def _rprec(outs, ex, ctx, heldout, folds, shuffled_folds):
     if ex.heldout != heldout:
-        raise ValueError(f"rprec_100_{'heldout' if heldout else 'train'} needs an extractor with heldout={heldout}")
+        raise ValueError(f"this R-precision metric needs an extractor with heldout={heldout}, got {ex.heldout}")
     m, s = fold_stats(outs["hits"], folds, seed=ctx.get("seed", 0) if shuffled_folds else None)
     return dict(value=m, std=s)
 
 for _h in (True, False):
     register_metric(f"rprec_100_{'heldout' if _h else 'train'}", "rprec", None, heldout=_h, folds=10,
                     shuffled_folds=True)(_rprec)
+# the same protocol read by a second, independent pair (SynthBirds: `07aa_retrieval`) through extractor 'rprec_indep'
+register_metric("rprec_100_indep", "rprec_indep", None, heldout=True, folds=10, shuffled_folds=True)(_rprec)
 
 # %% ../nbs/07_metrics.ipynb
 def _jsonable(v):

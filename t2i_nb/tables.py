@@ -16,8 +16,8 @@ from .core import Registry, atomic_write
 # %% auto 0
 __all__ = ['RUN_KEYS', 'SUPERSEDED', 'SB_COLUMNS', 'LOSS_ORDER', 'ARCH_ORDER', 'PAPER_TABLES', 'PAPER_COLUMNS', 'SYNTH_STUDY',
            'metric_name', 'collect_runs', 'write_fake_run', 'Column', 'summarize', 'fmt', 'mean_ci', 'welch_p',
-           'study_table', 'baseline_loss', 'compare', 'compare_table', 'contrast', 'PaperRow', 'paper_table',
-           'study_plot', 'write_tables']
+           'study_table', 'baseline_loss', 'control_loss', 'compare', 'compare_table', 'contrast', 'PaperRow',
+           'paper_table', 'study_plot', 'write_tables']
 
 # %% ../nbs/09_tables.ipynb
 RUN_KEYS = ("dataset", "arch", "loss", "seed")
@@ -102,12 +102,13 @@ SB_COLUMNS = (
     Column("FID_SB ↓", r"fid_sb_\w+_test", 1, 2, False),
     Column("IS_SB ↑", r"is_sb_\w+", 1, 2, True),
     Column("R-prec % ↑", r"rprec_100_heldout", 100, 1, True),
+    Column("R-prec indep. % ↑", r"rprec_100_indep", 100, 1, True),   # 07aa_retrieval
     Column("semantic acc % ↑", r"semantic_acc_sb", 100, 1, True),
     Column("consistency ↑", r"consistency_sb", 1, 3, True),
     Column("diversity ↑", r"diversity_sb", 1, 2, True),      # fakes' spread of open attributes / real birds'
 )
-LOSS_ORDER = ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap", "two_cap", "attngan", "attngan_cl", "style1_attngan",
-              "style1_attngan_f2f", "style2_attngan", "style2_attngan_r2f")
+LOSS_ORDER = ("none", "f2f", "r2f", "f2f_r2f", "f2f_r2f_cap", "attngan", "attngan_cl", "style1_attngan",
+              "style1_attngan_f2f", "style2_attngan", "style2_attngan_r2f", "two_cap")   # a control after its table rows
 ARCH_ORDER = ("ssagan", "attngan", "style1_attngan", "style2_attngan")
 
 def _loss_rank(loss: str) -> tuple: return (LOSS_ORDER.index(loss) if loss in LOSS_ORDER else len(LOSS_ORDER), loss)
@@ -150,12 +151,20 @@ def baseline_loss(arch: str) -> str:
     presets = ARCHS[arch].presets if arch in ARCHS else {}
     return next((p for p, over in presets.items() if not over), "none")
 
+def control_loss(arch: str, loss: str, dataset: str = "synth_birds") -> str | None:
+    ("The control row of a loss preset with F2F: `two_cap` (the same two caption sets, 2N rows through every term, "
+     "without the F2F term), else None.")
+    from t2i_nb.archs import arch_loss_config
+    try: return "two_cap" if loss != "two_cap" and arch_loss_config(arch, dataset, loss).lambda_f2f > 0 else None
+    except (KeyError, ValueError): return None                     # a preset this release does not know
+
 def compare(runs: pd.DataFrame, study: str, columns=SB_COLUMNS) -> pd.DataFrame:
     ("Per metric and (architecture, loss preset) of a study: n, mean, std and 95% CI over seeds (scaled as the "
-     "column), and against the architecture's baseline row: its n and mean, the difference and Welch's p.")
+     "column), and against the architecture's baseline row: its n and mean, the difference and Welch's p; "
+     "for a preset with F2F, the same against its `two_cap` control row when the study has one.")
     sub = runs[runs.study == study]
     if sub.empty: raise ValueError(f"no runs of study {study!r}; studies found: {sorted(runs.study.unique())}")
-    out = []
+    dataset, out = sub.dataset.iloc[0], []
     for col in columns:
         for name in col.metrics(sub):
             d = sub[sub.metric == name]
@@ -164,10 +173,16 @@ def compare(runs: pd.DataFrame, study: str, columns=SB_COLUMNS) -> pd.DataFrame:
                 b = d[(d.arch == arch) & (d.loss == base)].value.to_numpy() * col.scale
                 m, lo, hi = mean_ci(v)
                 vs = loss != base and len(b) > 0
+                ctl = control_loss(arch, loss, dataset)
+                cv = d[(d.arch == arch) & (d.loss == ctl)].value.to_numpy() * col.scale
+                vc = ctl is not None and len(cv) > 0
                 out.append(dict(metric=name, arch=arch, loss=loss, n=len(v), mean=m,
                                 std=float(v.std(ddof=1)) if len(v) > 1 else np.nan, ci_low=lo, ci_high=hi,
                                 baseline=base if vs else None, n_baseline=len(b) if vs else 0,
                                 diff=m - float(b.mean()) if vs else np.nan, p=welch_p(v, b) if vs else np.nan,
+                                control=ctl if vc else None, n_control=len(cv) if vc else 0,
+                                diff_control=m - float(cv.mean()) if vc else np.nan,
+                                p_control=welch_p(v, cv) if vc else np.nan,
                                 digits=col.digits, higher_is_better=col.higher_is_better))
     return pd.DataFrame(out)
 
@@ -181,8 +196,11 @@ def compare_table(cmp: pd.DataFrame) -> str:
         rows.append([f"`{r.metric}`", r.arch, r.loss, str(r.n), fmt(r.mean, r.std, r.n, 1, r.digits),
                      "—" if np.isnan(r.ci_low) else f"[{f(r.ci_low)}, {f(r.ci_high)}]",
                      f"{r.baseline} (n={r.n_baseline})" if r.n_baseline else "—",
-                     "—" if np.isnan(r.diff) else f"{r.diff:+.{r.digits}f}", _p(r.p)])
-    return _md(["metric", "architecture", "loss preset", "n", "mean ± std", "95% CI", "vs", "Δ mean", "Welch p"], rows)
+                     "—" if np.isnan(r.diff) else f"{r.diff:+.{r.digits}f}", _p(r.p),
+                     f"{r.control} (n={r.n_control})" if r.n_control else "—",
+                     "—" if np.isnan(r.diff_control) else f"{r.diff_control:+.{r.digits}f}", _p(r.p_control)])
+    return _md(["metric", "architecture", "loss preset", "n", "mean ± std", "95% CI", "vs baseline", "Δ mean",
+                "Welch p", "vs control", "Δ mean", "Welch p"], rows)
 
 
 def contrast(runs: pd.DataFrame, study: str, metric: str, a: tuple, b: tuple) -> dict:

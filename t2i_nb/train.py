@@ -406,8 +406,7 @@ def read_metrics(run_dir) -> list[dict]:
     "The results in `<run_dir>/metrics.json`."
     return json.loads((Path(run_dir) / "metrics.json").read_text())
 
-def load_run(run_dir, device=None, assets=None):
-    "(config, models with the latest checkpoint's weights, assets) of a run directory."
+def _load_run(run_dir, device=None, assets=None):
     run_dir = Path(run_dir)
     saved = json.loads((run_dir / "config.json").read_text())["config"]
     cfg = validate(TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved}))
@@ -417,14 +416,32 @@ def load_run(run_dir, device=None, assets=None):
     m = build_models(replace(cfg, compile=False), device)
     m.G.load_state_dict(found[0]["G"]); m.D.load_state_dict(found[0]["D"])
     if m.ema is not None and found[0].get("G_ema") is not None: m.ema.load_state_dict(found[0]["G_ema"])
-    return cfg, m, assets if assets is not None else prepare_assets(cfg, device)
+    return cfg, m, assets if assets is not None else prepare_assets(cfg, device), found[0]
 
-def evaluate_run(run_dir, n_eval: int | None = None, device=None, assets=None, seed: int = 0) -> list[dict]:
-    "Evaluate a run directory's latest checkpoint with its dataset's protocol; writes and returns `metrics.json`."
+def load_run(run_dir, device=None, assets=None):
+    "(config, models with the latest checkpoint's weights, assets) of a run directory."
+    return _load_run(run_dir, device, assets)[:3]
+
+def _merge(old: list[dict], new: list[dict], path: Path) -> list[dict]:
+    "`old` results with those of `new`'s metrics replaced (or appended); all must be of one step."
+    steps = {r.get("step") for r in old} - {None}
+    if steps and steps != {new[0]["step"]}:
+        raise ValueError(f"{path} holds results of step(s) {sorted(steps)} but the latest checkpoint is of step "
+                         f"{new[0]['step']}: evaluate every metric (metrics=None) instead of merging")
+    by = {r["metric"]: r for r in new}
+    return [by.pop(r["metric"], r) for r in old] + list(by.values())
+
+def evaluate_run(run_dir, n_eval: int | None = None, device=None, assets=None, seed: int = 0,
+                 metrics=None) -> list[dict]:
+    ("Evaluate a run directory's latest checkpoint with its dataset's protocol; writes and returns `metrics.json`. "
+     "With `metrics` (names), only those are computed and merged into the run's `metrics.json`, the others kept.")
     from t2i_nb.metrics import write_metrics_json
+    out = Path(run_dir) / "metrics.json"
     with RunLock(run_dir, what="process (training or evaluation)"):   # never beside a run that is still writing
-        cfg, m, assets = load_run(run_dir, device, assets)
+        cfg, m, assets, ck = _load_run(run_dir, device, assets)
         res = evaluate(m.G_eval, assets, n_eval or cfg.n_eval, get_device(device or cfg.device),
-                       seed=seed, nz=m.arch_cfg.nz)
-        write_metrics_json(res, Path(run_dir) / "metrics.json")
+                       seed=seed, nz=m.arch_cfg.nz, metrics=metrics)
+        res = [dict(r, epoch=ck["epoch"], step=ck["step"]) for r in res]
+        if metrics is not None and out.exists(): res = _merge(read_metrics(run_dir), res, out)
+        write_metrics_json(res, out)
     return res

@@ -18,18 +18,22 @@ def test_committed_tables_are_regenerated_identically_from_committed_metrics(tmp
 
 
 def test_committed_synthbirds_study_has_every_row_with_the_same_three_seeds():
-    "Every row of the study (every architecture) shares seeds 100-102 and one set of pretrained assets (one evaluator)."
+    ("Every row of the study (every architecture, and the two_cap controls) shares seeds 100-104, one set of "
+     "pretrained assets (one evaluator) and one independent retrieval pair.")
     runs = collect_runs(ROOT / "results")
     study = runs[runs.study == SYNTH_STUDY]
     seeds = study.groupby(["arch", "loss"]).seed.apply(lambda s: tuple(sorted(set(s))))
-    rows = [("ssagan", "none"), ("ssagan", "f2f"), ("attngan", "attngan"), ("attngan", "attngan_cl"),
-            ("style1_attngan", "style1_attngan"), ("style1_attngan", "style1_attngan_f2f"),
-            ("style2_attngan", "style2_attngan_r2f")]
+    rows = [("ssagan", "none"), ("ssagan", "f2f"), ("attngan", "attngan"),
+            ("attngan", "attngan_cl"), ("style1_attngan", "style1_attngan"),
+            ("style1_attngan", "style1_attngan_f2f"), ("style2_attngan", "style2_attngan_r2f")]
     assert dict(seeds) == {r: (100, 101, 102) for r in rows}
     import json
-    hashes = {m.get("weights_hash") for p in (ROOT / "results" / SYNTH_STUDY).glob("*/metrics.json")
-              for m in json.loads(p.read_text()) if m["metric"] == "fid_sb_1k_test"}
-    assert len(hashes) == 1 and None not in hashes
+    results = [m for p in (ROOT / "results" / SYNTH_STUDY).glob("*/metrics.json") for m in json.loads(p.read_text())]
+    hashes = lambda metric, key: {m.get(key) for m in results if m["metric"] == metric}
+    assert len(hashes("fid_sb_1k_test", "weights_hash")) == 1 and None not in hashes("fid_sb_1k_test", "weights_hash")
+    pair = hashes("rprec_100_indep", "pair_encoder_hash")
+    assert len(pair) == 1 and None not in pair
+    assert sum(m["metric"] == "rprec_100_indep" for m in results) == 21
 
 
 NEW = {"rprec_100_heldout": {"protocol_shuffled_folds": True}, "rprec_100_train": {"protocol_shuffled_folds": True},
@@ -112,3 +116,18 @@ def test_a_metric_measured_under_a_superseded_protocol_gets_its_own_column(tmp_p
     write_fake_run(tmp_path / "s" / "ssagan-f2f-s1", {"consistency_sb": 0.1}, loss="f2f", protocol=NEW)
     header = study_table(collect_runs(tmp_path), "s").splitlines()[0]
     assert "`consistency_sb@v0`" in header and "`consistency_sb`" in header
+
+
+def test_an_f2f_row_is_also_compared_with_its_two_cap_control(tmp_path):
+    from scipy import stats
+    vals = {"none": (0.50, 0.55, 0.52), "f2f": (0.70, 0.66, 0.71), "two_cap": (0.64, 0.60, 0.69), "r2f": (0.6, 0.5, 0.55)}
+    for loss, vs in vals.items():
+        for seed, v in zip((100, 101, 102), vs):
+            write_fake_run(tmp_path / "s" / f"ssagan-{loss}-s{seed}", {"semantic_acc_sb": v}, loss=loss, seed=seed,
+                           protocol=NEW)
+    cmp = compare(collect_runs(tmp_path), "s").set_index("loss")
+    f = cmp.loc["f2f"]
+    assert f.control == "two_cap" and f.n_control == 3
+    assert f.diff_control == pytest.approx(100 * (np.mean(vals["f2f"]) - np.mean(vals["two_cap"])), rel=1e-12)
+    assert f.p_control == pytest.approx(stats.ttest_ind(vals["f2f"], vals["two_cap"], equal_var=False).pvalue, rel=1e-9)
+    assert cmp.loc["r2f"].n_control == 0 and cmp.loc["two_cap"].n_control == 0 and cmp.loc["two_cap"].baseline == "none"
