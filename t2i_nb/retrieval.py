@@ -147,6 +147,9 @@ def train_retrieval(data_root, cfg: RetrievalConfig | None = None, device="cpu",
                              img_size=cfg.img_size, seed=cfg.draw_seed, progress=progress)
     fresh = TextImageDataset(birds, "train", img_size=cfg.img_size, cache_images=True)
     lut, missing = vocab_map(fresh.ixtoword, test.wordtoix)
+    if cfg.batch_size > len(fresh):                       # a tiny build: one batch of every draw per epoch
+        from dataclasses import replace
+        cfg = replace(cfg, batch_size=len(fresh))
     T = ConvTextEncoder(len(test.ixtoword), dim=cfg.dim).to(dev)
     I = ConvImageEncoder(cfg.width, cfg.dim, cfg.img_size).to(dev)
     log_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07)), device=dev))
