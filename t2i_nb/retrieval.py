@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .core import atomic_torch_save, atomic_write_json, get_device, seed_everything, to_dict
+from .damsm import word_mask
 from .data import TextImageDataset, epoch_loader, load_captions
 from .files import safe_torch_load
 from .metrics import RPrecisionExtractor, fold_stats, pool_from_dataset
@@ -25,10 +26,6 @@ __all__ = ['ARCH_VERSION', 'ConvTextEncoder', 'ConvImageEncoder', 'info_nce', 'R
            'train_retrieval', 'load_retrieval']
 
 # %% ../nbs/07aa_retrieval.ipynb
-def _valid(cap_lens, T: int, device) -> torch.Tensor:
-    "B x T bool: True at the words of each caption (a length of 0 counts as 1, as in the DAMSM text encoder)."
-    return torch.arange(T, device=device)[None] < torch.as_tensor(cap_lens, device=device).reshape(-1, 1).clamp(min=1)
-
 class ConvTextEncoder(nn.Module):
     "Word embeddings -> two width-3 1-D convolutions -> max over the words -> linear: `(None, sentence B x dim)`."
     def __init__(self, n_words: int, emb: int = 64, hidden: int = 128, dim: int = 128):
@@ -39,7 +36,7 @@ class ConvTextEncoder(nn.Module):
         self.proj = nn.Linear(hidden, dim)
 
     def forward(self, caps: torch.Tensor, cap_lens):   # B x T word ids, B lengths
-        m = _valid(cap_lens, caps.shape[1], caps.device)[:, None]                 # B x 1 x T
+        m = word_mask(cap_lens, caps.shape[1], caps.device)[:, None]                 # B x 1 x T
         h = F.relu(self.conv1(self.emb(caps).transpose(1, 2))) * m
         h = F.relu(self.conv2(h)) * m
         return None, self.proj(h.masked_fill(~m, float("-inf")).amax(2))
