@@ -106,11 +106,13 @@ def run_study(cfgs: list[TrainConfig], workers: int = 1, threads: int | None = N
     return [c.run_dir for c in cfgs]
 
 # %% ../nbs/08a_reproduce.ipynb
-@torch.no_grad()
 def loss_grid(cfgs: list[TrainConfig], path, n: int = 8, noise_seed: int = 0, device=None) -> Path:
     "PNG grid: real test images, then one row per run of `cfgs` (its EMA G if any) for the same captions and noise."
     device = get_device(device or cfgs[0].device)
-    assets = prepare_assets(_asset_config(cfgs), device)
+    assets = prepare_assets(_asset_config(cfgs), device)        # may pretrain an asset: outside no_grad
+    with torch.no_grad(): return _loss_grid(cfgs, assets, path, n, noise_seed, device)
+
+def _loss_grid(cfgs, assets, path, n, noise_seed, device) -> Path:
     fixed = fixed_captions(assets.test, n)
     rows, labels = [fixed["real"]], ["real"]
     for cfg in cfgs:

@@ -18,7 +18,8 @@ from .core import atomic_torch_save, atomic_write_json, get_device, seed_everyth
 from .damsm import word_mask
 from .data import TextImageDataset, epoch_loader, load_captions
 from .files import safe_torch_load
-from .metrics import RPrecisionExtractor, fold_stats, pool_from_dataset
+from .evaluator import dataset_batches
+from .metrics import RPrecisionExtractor, compute_metrics, get_metric, pool_from_dataset, run_pass
 from .synthbirds import make_synth_birds
 
 # %% auto 0
@@ -105,15 +106,17 @@ def _dataset_seed(data_root: Path) -> int:
 @torch.no_grad()
 def real_rprec(text_enc, img_enc, ds: TextImageDataset, seed: int = 0, device="cpu", batch_size: int = 100,
                label: str = "independent pair") -> dict:
-    "R-precision (1 true + 99 other-class captions, 10 shuffled folds) of a split's real images, one caption each."
-    from t2i_nb.evaluator import dataset_batches
+    ("R-precision (1 true + 99 other-class captions, 10 shuffled folds) of a split's real images, one caption each: "
+     "the `rprec_100_indep` protocol run over real images. A split of fewer than 10 images (a tiny build) gets the "
+     "mean hit rate and no spread.")
     caps, lens, cls = pool_from_dataset(ds, ds.words_num, seed)
     ex = RPrecisionExtractor(text_enc, img_enc, caps, lens, cls, seed=seed, words_num=ds.words_num, label=label)
-    ex.setup(device)
-    hits = np.concatenate([ex({k: v.to(ex.device) if torch.is_tensor(v) else v for k, v in b.items()})["hits"]
-                           for b in dataset_batches(ds, batch_size)()])
-    m, s = fold_stats(hits, 10, seed=seed)
-    return dict(value=m, std=s, n=len(hits))
+    batches = dataset_batches(ds, batch_size)
+    if len(ds) < get_metric("rprec_100_indep").protocol["folds"]:
+        hits = run_pass(batches, {"rprec_indep": ex}, device=device, desc="real R-precision")["rprec_indep"]["hits"]
+        return dict(value=float(hits.mean()), std=None, n=len(hits))
+    r, = compute_metrics(["rprec_100_indep"], batches, {"rprec_indep": ex}, seed=seed, device=device)
+    return dict(value=r["value"], std=r["std"], n=r["n_fake"])
 
 def _fit(T, I, log_scale, ds, lut, cfg: RetrievalConfig, dev, progress: bool):
     params = [*T.parameters(), *I.parameters(), log_scale]

@@ -71,3 +71,16 @@ def test_reproduce_notebook_with_cub_asks_for_the_dataset(tmp_path, papermill):
     r = papermill("reproduce", tmp_path / "out.ipynb", dataset="cub", device="cpu", extra=dict(data_dir=str(tmp_path / "birds")))
     assert r.returncode != 0
     assert f"data_dir '{tmp_path / 'birds'}' does not exist: a cub run needs the dataset" in r.stdout + r.stderr
+
+
+def test_loss_grid_prepares_assets_with_gradients_on(monkeypatch, tmp_path):
+    ("A grid over a study whose captioner is not cached yet pretrains it inside `loss_grid`: that training needs "
+     "autograd, so only the generation may run under no_grad.")
+    import t2i_nb.reproduce as rp
+    seen = []
+    def fake_prepare(cfg, device):
+        seen.append(torch.is_grad_enabled()); raise RuntimeError("stop here")
+    monkeypatch.setattr(rp, "prepare_assets", fake_prepare)
+    cfgs = study_configs("synth_birds", losses=["none", "f2f_r2f_cap"], seeds=[100], out_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="stop here"): loss_grid(cfgs, tmp_path / "g.png")
+    assert seen == [True]

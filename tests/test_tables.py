@@ -17,7 +17,7 @@ def test_committed_tables_are_regenerated_identically_from_committed_metrics(tmp
         assert paths[name].read_text() == (ROOT / "results" / name).read_text(), f"results/{name} is stale: run nbs/tables.ipynb"
 
 
-def test_committed_synthbirds_study_has_every_row_with_the_same_three_seeds():
+def test_committed_synthbirds_study_has_every_row_with_the_same_five_seeds():
     ("Every row of the study (every architecture, and the two_cap controls) shares seeds 100-104, one set of "
      "pretrained assets (one evaluator) and one independent retrieval pair.")
     runs = collect_runs(ROOT / "results")
@@ -25,15 +25,16 @@ def test_committed_synthbirds_study_has_every_row_with_the_same_three_seeds():
     seeds = study.groupby(["arch", "loss"]).seed.apply(lambda s: tuple(sorted(set(s))))
     rows = [("ssagan", "none"), ("ssagan", "f2f"), ("attngan", "attngan"),
             ("attngan", "attngan_cl"), ("style1_attngan", "style1_attngan"),
-            ("style1_attngan", "style1_attngan_f2f"), ("style2_attngan", "style2_attngan_r2f")]
-    assert dict(seeds) == {r: (100, 101, 102) for r in rows}
+            ("style1_attngan", "style1_attngan_f2f"), ("style2_attngan", "style2_attngan_r2f"),
+            ("ssagan", "two_cap"), ("attngan", "two_cap")]
+    assert dict(seeds) == {r: (100, 101, 102, 103, 104) for r in rows}
     import json
     results = [m for p in (ROOT / "results" / SYNTH_STUDY).glob("*/metrics.json") for m in json.loads(p.read_text())]
     hashes = lambda metric, key: {m.get(key) for m in results if m["metric"] == metric}
     assert len(hashes("fid_sb_1k_test", "weights_hash")) == 1 and None not in hashes("fid_sb_1k_test", "weights_hash")
     pair = hashes("rprec_100_indep", "pair_encoder_hash")
     assert len(pair) == 1 and None not in pair
-    assert sum(m["metric"] == "rprec_100_indep" for m in results) == 21
+    assert sum(m["metric"] == "rprec_100_indep" for m in results) == 45
 
 
 NEW = {"rprec_100_heldout": {"protocol_shuffled_folds": True}, "rprec_100_train": {"protocol_shuffled_folds": True},
