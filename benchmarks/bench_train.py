@@ -11,6 +11,15 @@ f2f, ...), so load from other processes hits every preset alike; the median is r
     python benchmarks/bench_train.py --img-size 256 --ngf 64 --ndf 64 --batch-size 4 --device cuda
     python benchmarks/bench_train.py --parallel 2 --presets f2f_r2f --steps 10   # 1 process x 2 threads vs 2 x 1 (studies)
     python benchmarks/bench_train.py --against df766f0 --presets f2f_r2f       # this tree vs an earlier commit
+    python benchmarks/bench_train.py --levers --img-size 256 --ngf 64 --ndf 64 --batch-size 4 --threads 2 \
+        --presets none --steps 1 --warmup 1 --rounds 2      # the official configuration, one speed lever at a time
+
+`--levers` times one preset with each speed lever on its own (the allocator `keep_freed_memory`, MA-GP folded
+into the hinge D step `fold_magp`, channels-last conv weights, bf16 autocast `precision="bf16"`), none of them,
+the first three together, and the training loop's own choice (allocator and channels-last on, MA-GP separate,
+fp32) with and without bf16, in interleaved rounds, beside the FLOPs of one iteration
+(`t2i_nb.cost.flops_per_iteration`, counted on fake tensors). `--only` picks a subset (the first one named in
+LEVERS' order is the reference of the speed column).
 
 `--parallel W` answers how to lay out a study on a CPU (`t2i_nb.reproduce.run_study(workers=...)`): the same preset
 as one process using every core, then as W processes with one thread each that time their steps simultaneously
@@ -29,18 +38,23 @@ from t2i_nb.data import epoch_loader
 from t2i_nb.losses import loss_config
 # the old names, from t2i_nb.train: this child also runs in the worktree of an earlier commit (--against)
 from t2i_nb.train import build_models, make_config, prepare_assets, train_step
+if a.get("precision", "fp32") != "fp32": from t2i_nb.accel import Precision
 seed_everything(0)
+lever = {"fold_magp": True} if a.get("fold_magp") else {}     # only when asked: older trees (--against) lack it
 cfg = make_config(data_dir=a["data_dir"], n_train=a["n_train"], n_test=a["n_test"], pretrain_epochs=1, img_size=a["img_size"],
-                  ngf=a["ngf"], ndf=a["ndf"], batch_size=a["batch_size"], device=a["device"], loss=a["preset"])
+                  ngf=a["ngf"], ndf=a["ndf"], batch_size=a["batch_size"], device=a["device"], loss=a["preset"], **lever)
 dev = get_device(a["device"])
 assets = prepare_assets(cfg, dev)                     # pretrained weights do not change the speed
 m, lc = build_models(cfg, dev), loss_config(a["preset"])
+if a.get("channels_last") is False:                   # --levers: contiguous conv weights (the default is channels-last)
+    for net in (m.G, m.D): net.to(memory_format=torch.contiguous_format)
 enc = assets.encoders(lc)
 batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in next(iter(epoch_loader(assets.train, a["batch_size"]))).items()}
+prec = {"prec": Precision(a["precision"], dev)} if a.get("precision", "fp32") != "fp32" else {}   # --levers
 def step():
-    train_step(m, batch, enc, lc, torch.randn(a["batch_size"], 100, device=dev))
+    train_step(m, batch, enc, lc, torch.randn(a["batch_size"], 100, device=dev), **prec)
     if dev.type == "cuda": torch.cuda.synchronize()
-step(); step()                                          # warm-up
+for _ in range(a.get("warmup", 2)): step()              # warm-up
 while time.time() < a.get("start_at", 0): time.sleep(0.05)   # --parallel: time the processes together
 times = []
 for _ in range(a["steps"]):
@@ -100,6 +114,49 @@ def against(args, rev):
         print(f"| {n} | {med[n, 'this tree']:.3f} | {med[n, rev]:.3f} | {med[n, rev] / med[n, 'this tree']:.2f}x |")
 
 
+LEVERS = {  # name -> (keep_freed_memory, fold_magp, channels_last, precision)
+    "no lever": (False, False, False, "fp32"),
+    "allocator only": (True, False, False, "fp32"),
+    "folded MA-GP only": (False, True, False, "fp32"),
+    "channels_last only": (False, False, True, "fp32"),
+    "bf16 autocast only": (False, False, False, "bf16"),
+    "allocator + folded MA-GP + channels_last": (True, True, True, "fp32"),
+    "training loop (allocator + channels_last)": (True, False, True, "fp32"),
+    "training loop + bf16 autocast": (True, False, True, "bf16"),
+}
+
+
+def levers(args):
+    "Each speed lever on its own, none, all, and the training loop's choice, in interleaved rounds, with FLOPs."
+    from t2i_nb.config import make_config
+    from t2i_nb.cost import flops_per_iteration
+    unknown = set(args.only.split(",")) - set(LEVERS) if args.only else set()
+    if unknown: raise SystemExit(f"unknown --only {sorted(unknown)}; valid: {', '.join(LEVERS)}")
+    preset, names = args.presets.split(",")[0], [n for n in LEVERS if not args.only or n in args.only.split(",")]
+    res = {n: [] for n in names}
+    for _ in range(args.rounds):
+        for n in names:
+            keep, fold, cl, prec = LEVERS[n]
+            res[n].append(run(argparse.Namespace(**{**vars(args), "fold_magp": fold, "channels_last": cl,
+                                                    "precision": prec}), preset, keep))
+    flops = {fold: flops_per_iteration(make_config(img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, loss=preset,
+                                                   batch_size=args.batch_size, fold_magp=fold))["total"]
+             for fold in (False, True)}
+    med = {n: statistics.median(t for r in rs for t in r["times"]) for n, rs in res.items()}
+    print(f"{preset}, {args.img_size} px, ngf {args.ngf} ndf {args.ndf}, batch {args.batch_size}, device {args.device}, "
+          f"{res[names[0]][0]['threads']} thread(s), median of {args.rounds} rounds x {args.steps} steps after "
+          f"{args.warmup} warm-up, load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs")
+    print("| levers | allocator | folded MA-GP | channels_last | precision | s/iteration (median) | min–max | images/s "
+          "| x first row (speed) | GFLOP/iteration | peak RSS GiB |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    yn = lambda b: "yes" if b else "no"
+    for n in names:
+        keep, fold, cl, prec = LEVERS[n]
+        ts = [t for r in res[n] for t in r["times"]]
+        print(f"| {n} | {yn(keep)} | {yn(fold)} | {yn(cl)} | {prec} | {med[n]:.2f} | {min(ts):.2f}–{max(ts):.2f} | "
+              f"{args.batch_size / med[n]:.3g} | {med[names[0]] / med[n]:.2f} | {flops[fold] / 1e9:.1f} | "
+              f"{max(r['peak_gb'] for r in res[n]):.2f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "t2i_bench_sb"))
@@ -117,12 +174,16 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--parallel", type=int, default=0, help="compare 1 process x all cores with N processes x 1 thread")
     ap.add_argument("--against", default="", help="a git revision to time side by side with this tree")
+    ap.add_argument("--levers", action="store_true", help="each speed lever on its own (first preset only)")
+    ap.add_argument("--only", default="", help="--levers: a comma-separated subset of " + ", ".join(LEVERS))
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per subprocess")
     args = ap.parse_args()
     from t2i_nb.config import TRAIN_PRESETS
     p = TRAIN_PRESETS["synth_birds"]
     args.ngf, args.ndf, args.batch_size = args.ngf or p.ngf, args.ndf or p.ndf, args.batch_size or p.batch_size
     if args.parallel: return parallel(args, args.parallel)
     if args.against: return against(args, args.against)
+    if args.levers: return levers(args)
     presets = args.presets.split(",")
     modes = {"default": [False], "keep": [True], "both": [False, True]}[args.malloc]
     res = {(n, k): [] for n in presets for k in modes}

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .core import resize
 from .ssagan import _check_shape, _fill_bn_counters, _read_state_dict, n_params
 
 # %% auto 0
@@ -347,7 +348,7 @@ class AttnGANDiscriminators(nn.Module):
 def real_pyramid(real, sizes: list[int]) -> list:
     "The real batch at every stage size (antialiased bilinear below the loader's size)."
     return [real if s == real.shape[-1] else
-            F.interpolate(real, size=(s, s), mode="bilinear", align_corners=False, antialias=True) for s in sizes]
+            resize(real, (s, s)) for s in sizes]
 
 def _fp32(p: dict) -> dict: return {k: v.float() for k, v in p.items()}
 

@@ -14,7 +14,7 @@ import torch
 # %% auto 0
 __all__ = ['get_device', 'seed_everything', 'rng_state', 'set_rng_state', 'UnknownNameError', 'Registry', 'atomic_write',
            'atomic_torch_save', 'atomic_write_json', 'to_dict', 'config_key', 'file_hash', 'NonFiniteLossError',
-           'check_finite', 'nonfinite_tensors', 'keep_freed_memory', 'busy_cores', 'cpu_threads']
+           'check_finite', 'nonfinite_tensors', 'resize', 'keep_freed_memory', 'busy_cores', 'cpu_threads']
 
 # %% ../nbs/00_core.ipynb
 def get_device(device: str | torch.device = "auto") -> torch.device:
@@ -148,6 +148,18 @@ def nonfinite_tensors(tree, prefix: str = "") -> list[str]:
         return [prefix or "tensor"] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
     return [b for k, v in items for b in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+
+# %% ../nbs/00_core.ipynb
+def resize(x: torch.Tensor,        # B x C x H x W
+           size=None,              # (H', W'), or None with `scale_factor`
+           scale_factor=None) -> torch.Tensor:
+    ("Antialiased bilinear resize (`align_corners=False`) in `x`'s dtype; computed in fp32 where the device has no "
+     "kernel for that dtype (CPU bf16/fp16, e.g. under autocast).")
+    f = lambda t: torch.nn.functional.interpolate(t, size=size, scale_factor=scale_factor, mode="bilinear",
+                                                  align_corners=False, antialias=True)
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16): return f(x.float()).to(x.dtype)
+    return f(x)
+
 
 # %% ../nbs/00_core.ipynb
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameter ids

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .core import Registry, atomic_torch_save
+from .core import Registry, atomic_torch_save, resize
 from .data import check_vocab_size
 from .files import safe_torch_load
 
@@ -150,8 +150,7 @@ class SmallImageEncoder(nn.Module):
         "`(features B x nef x img_size/8 x img_size/8, code B x nef)`."
         if x.dim() != 4 or x.shape[1] != 3: raise ValueError(f"expected B x 3 x H x W images, got {tuple(x.shape)}")
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
-                              antialias=True)
+            x = resize(x, (self.img_size, self.img_size))
         h = self.stages(x)
         code = self.emb_cnn_code(self.last(h).mean((2, 3)))
         return self.emb_features(h), code

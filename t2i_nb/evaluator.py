@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import atomic_torch_save, atomic_write_json, get_device, seed_everything, to_dict
+from .core import atomic_torch_save, atomic_write_json, get_device, resize, seed_everything, to_dict
 from .data import TextImageDataset, epoch_loader
 from .metrics import fid_result, inception_score, n_tag, parse_n, register_family, register_metric
 from .synthbirds import ATTRIBUTES, CAPTIONED, SPECIES, parse_caption, read_attributes
@@ -65,8 +65,7 @@ class SBEvaluator(nn.Module):
         "Last conv map B×8w×4×4 of images B×3×H×W in [-1, 1] (resized to img_size if needed)."
         if x.ndim != 4 or x.shape[1] != 3: raise ValueError(f"expected images B×3×H×W, got {tuple(x.shape)}")
         if x.shape[-2:] != (self.img_size, self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
-                              antialias=True)
+            x = resize(x, (self.img_size, self.img_size))
         return self.trunk(x)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import atomic_torch_save, atomic_write_json, get_device, seed_everything, to_dict
+from .core import atomic_torch_save, atomic_write_json, get_device, resize, seed_everything, to_dict
 from .damsm import word_mask
 from .data import TextImageDataset, epoch_loader, load_captions
 from .files import safe_torch_load
@@ -58,8 +58,7 @@ class ConvImageEncoder(nn.Module):
     def forward(self, x: torch.Tensor):                # B x 3 x H x W in [-1, 1]
         if x.ndim != 4 or x.shape[1] != 3: raise ValueError(f"expected images B x 3 x H x W, got {tuple(x.shape)}")
         if x.shape[-2:] != (self.img_size, self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
-                              antialias=True)
+            x = resize(x, (self.img_size, self.img_size))
         return None, self.proj(self.trunk(x).flatten(1))
 
 # %% ../nbs/07aa_retrieval.ipynb

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .core import resize
 from .ssagan import _check_shape, n_params
 
 # %% auto 0
@@ -37,7 +38,7 @@ def upsample2x(x):
 
 def downsample2x(x):
     "×½ antialiased bilinear resampling: the [1,3,3,1]/8 FIR filter at stride 2, exactly so away from the border."
-    return F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False, antialias=True)
+    return resize(x, scale_factor=0.5)
 
 def normalize_2nd_moment(x, eps: float = 1e-8):
     "x / sqrt(mean(x²) + eps) over dim 1 (StyleGAN's pixel norm of z and of the embedded condition)."
@@ -141,8 +142,8 @@ class MappingNetwork(nn.Module):
         _check_shape(z, (None, self.z_dim), "z"); _check_shape(sent_emb, (len(z), self.c_dim), "sent_emb")
         w = self.layers(torch.cat([normalize_2nd_moment(z), normalize_2nd_moment(self.embed(sent_emb))], 1))
         if self.training and update_w_avg:
-            with torch.no_grad(): self.w_avg.copy_(w.detach().mean(0).lerp(self.w_avg, self.w_avg_beta))
-        if truncation_psi != 1: w = self.w_avg.lerp(w, truncation_psi)
+            with torch.no_grad(): self.w_avg.copy_(w.detach().float().mean(0).lerp(self.w_avg, self.w_avg_beta))   # fp32 under autocast
+        if truncation_psi != 1: w = self.w_avg.to(w.dtype).lerp(w, truncation_psi)
         return w if self.num_ws is None else w[:, None].expand(-1, self.num_ws, -1)
 
 # %% ../nbs/04b_style.ipynb

@@ -242,3 +242,23 @@ def test_d_both_and_class_masking_switch_what_they_say(monkeypatch):
     codes = enc(fakes)[1]
     assert mask == pytest.approx(float(nt_xent(*codes.chunk(2), 0.5, classes=[0, 0, 1, 1])), rel=1e-6)
     assert plain == pytest.approx(float(nt_xent(*codes.chunk(2), 0.5)), rel=1e-6) and mask != pytest.approx(plain)
+
+
+@pytest.mark.parametrize("arch, loss", [("ssagan", "f2f_r2f"), ("attngan", "attngan_cl"),
+                                        ("style1_attngan", "style1_attngan_f2f"), ("style2_attngan", "style2_attngan_r2f")])
+def test_bf16_autocast_steps_run_on_the_cpu_where_images_are_resized(arch, loss):
+    "bf16 fakes reach the antialiased resizes (DAMSM encoder at 32 px, style D's ×½): once NotImplementedError on a CPU."
+    from t2i_nb.accel import Precision
+    terms = {}
+    for prec in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        m = build_models(tiny_cfg(arch=arch, ema_decay=0.0), "cpu")
+        torch.manual_seed(5)
+        enc = Encoders(TextEncoder(30, nhidden=256).eval().requires_grad_(False),
+                       SmallImageEncoder(256, ndf=4, img_size=32).eval().requires_grad_(False))   # 64 px fakes -> 32
+        torch.manual_seed(1)
+        terms[prec] = train_step(m, toy_batch(), enc, arch_loss_config(arch, "synth_birds", loss), torch.randn(4, 100),
+                                 prec=Precision(prec, "cpu"))
+    assert set(terms["bf16"]) == set(terms["fp32"])
+    for k, v in terms["fp32"].items():     # the first step sees the same weights: only bf16 rounding differs
+        assert terms["bf16"][k] == pytest.approx(v, rel=0.05, abs=0.05), k
