@@ -142,7 +142,8 @@ class MappingNetwork(nn.Module):
         _check_shape(z, (None, self.z_dim), "z"); _check_shape(sent_emb, (len(z), self.c_dim), "sent_emb")
         w = self.layers(torch.cat([normalize_2nd_moment(z), normalize_2nd_moment(self.embed(sent_emb))], 1))
         if self.training and update_w_avg:
-            with torch.no_grad(): self.w_avg.copy_(w.detach().to(self.w_avg.dtype).mean(0).lerp(self.w_avg, self.w_avg_beta))  # bf16 w: autocast
+            with torch.no_grad():   # in w_avg's dtype: w is bf16 under autocast
+                self.w_avg.copy_(w.detach().to(self.w_avg.dtype).mean(0).lerp(self.w_avg, self.w_avg_beta))
         if truncation_psi != 1: w = self.w_avg.to(w.dtype).lerp(w, truncation_psi)
         return w if self.num_ws is None else w[:, None].expand(-1, self.num_ws, -1)
 
