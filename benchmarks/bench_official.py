@@ -126,12 +126,10 @@ def main():
     args = ap.parse_args()
     if not os.path.isfile(os.path.join(os.path.expanduser(args.official), "main.py")):
         raise SystemExit(f"--official {args.official}: no main.py there; pass a checkout of wtliao/text2image")
-    chosen = [n.strip() for n in args.only.split(",")] if args.only else list(VARIANTS)
-    unknown = [n for n in chosen if n not in VARIANTS]
-    if unknown: raise SystemExit(f"unknown --only {unknown}; valid: {', '.join(VARIANTS)}")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_train                                        # our child process and its speed levers
-    ours = argparse.Namespace(data_dir=args.data_dir, n_train=96, n_test=24, img_size=args.img_size, ngf=args.ngf,
+    import bench_train                                        # our child process, its speed levers, helpers
+    chosen = bench_train.pick(args.only, VARIANTS)
+    ours = argparse.Namespace(data_dir=args.data_dir, n_train=bench_train.N_TRAIN, n_test=bench_train.N_TEST, img_size=args.img_size, ngf=args.ngf,
                               ndf=args.ngf, batch_size=args.batch_size, device="cpu", threads=args.threads,
                               steps=args.steps, warmup=args.warmup)
     res = {n: [] for n in chosen}
@@ -143,7 +141,7 @@ def main():
                 keep, fold, cl, prec = bench_train.LEVERS[what]
                 res[n].append(bench_train.run(argparse.Namespace(**vars(ours), fold_magp=fold, channels_last=cl,
                                                                  precision=prec), "none", keep))
-    med = {n: statistics.median(t for r in rs for t in r["times"]) for n, rs in res.items()}
+    med = {n: statistics.median(bench_train.all_times(rs)) for n, rs in res.items()}
     ref = med.get("official as shipped")
     print(f"SSA-GAN iteration, {args.img_size} px, NF {args.ngf}, batch {args.batch_size}, {args.threads} thread(s), "
           f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up, "
@@ -151,7 +149,7 @@ def main():
     print("| code | s/iteration (median) | min–max | images/s | official as shipped / this | peak RSS GiB |\n"
           "|---|---|---|---|---|---|")
     for n in chosen:
-        ts = [t for r in res[n] for t in r["times"]]
+        ts = bench_train.all_times(res[n])
         speed = f"{ref / med[n]:.2f}" if ref else "—"
         print(f"| {n} | {med[n]:.2f} | {min(ts):.2f}–{max(ts):.2f} | {args.batch_size / med[n]:.3g} | {speed} | "
               f"{max(r['peak_gb'] for r in res[n]):.2f} |")

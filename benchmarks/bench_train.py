@@ -38,7 +38,6 @@ from t2i_nb.data import epoch_loader
 from t2i_nb.losses import loss_config
 # the old names, from t2i_nb.train: this child also runs in the worktree of an earlier commit (--against)
 from t2i_nb.train import build_models, make_config, prepare_assets, train_step
-if a.get("precision", "fp32") != "fp32": from t2i_nb.accel import Precision
 seed_everything(0)
 lever = {"fold_magp": True} if a.get("fold_magp") else {}     # only when asked: older trees (--against) lack it
 cfg = make_config(data_dir=a["data_dir"], n_train=a["n_train"], n_test=a["n_test"], pretrain_epochs=1, img_size=a["img_size"],
@@ -50,7 +49,9 @@ if a.get("channels_last") is False:                   # --levers: contiguous con
     for net in (m.G, m.D): net.to(memory_format=torch.contiguous_format)
 enc = assets.encoders(lc)
 batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in next(iter(epoch_loader(assets.train, a["batch_size"]))).items()}
-prec = {"prec": Precision(a["precision"], dev)} if a.get("precision", "fp32") != "fp32" else {}   # --levers
+prec = {}
+if a.get("precision", "fp32") != "fp32":                # --levers: bf16 autocast
+    from t2i_nb.accel import Precision; prec = {"prec": Precision(a["precision"], dev)}
 def step():
     train_step(m, batch, enc, lc, torch.randn(a["batch_size"], 100, device=dev), **prec)
     if dev.type == "cuda": torch.cuda.synchronize()
@@ -62,6 +63,22 @@ for _ in range(a["steps"]):
 peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print(json.dumps(dict(times=times, peak_gb=peak, threads=torch.get_num_threads())))
 """
+
+
+N_TRAIN, N_TEST = 96, 24   # SynthBirds images the children build (bench_official.py uses the same)
+
+
+def all_times(rs) -> list:
+    "Every timed step of a list of child results."
+    return [t for r in rs for t in r["times"]]
+
+
+def pick(only: str, valid) -> list:
+    "The names of `valid` that the comma-separated `only` names (all when empty), in `valid`'s order; unknown: exit."
+    chosen = [n.strip() for n in only.split(",")] if only else list(valid)
+    unknown = [n for n in chosen if n not in valid]
+    if unknown: raise SystemExit(f"unknown --only {unknown}; valid: {', '.join(valid)}")
+    return [n for n in valid if n in chosen]
 
 
 def run(args, preset, keep_freed, tree=None):
@@ -91,7 +108,7 @@ def parallel(args, workers):
     base = args.batch_size / statistics.median(one["times"])
     for name, rs in rows:
         ips = sum(args.batch_size / statistics.median(r["times"]) for r in rs)
-        print(f"| {name} | {statistics.median(t for r in rs for t in r['times']):.2f} | {ips:.1f} | {ips / base:.2f} |")
+        print(f"| {name} | {statistics.median(all_times(rs)):.2f} | {ips:.1f} | {ips / base:.2f} |")
 
 
 def against(args, rev):
@@ -106,7 +123,7 @@ def against(args, rev):
                 for name, t in (("this tree", None), (rev, tree)):
                     res.setdefault((n, name), []).append(run(args, n, True, t))
     finally: subprocess.run(["git", "-C", root, "worktree", "remove", "--force", tree], capture_output=True)
-    med = {k: statistics.median(t for r in rs for t in r["times"]) for k, rs in res.items()}
+    med = {k: statistics.median(all_times(rs)) for k, rs in res.items()}
     print(f"SSA-GAN iteration, {args.img_size} px, ngf {args.ngf} ndf {args.ndf}, batch {args.batch_size}, median of "
           f"{args.rounds}x{args.steps} steps per version, load average {os.getloadavg()[0]:.1f}")
     print(f"| preset | s/step this tree | s/step {rev} | speed-up (this / {rev}) |\n|---|---|---|---|")
@@ -130,9 +147,7 @@ def levers(args):
     "Each speed lever on its own, none, all, and the training loop's choice, in interleaved rounds, with FLOPs."
     from t2i_nb.config import make_config
     from t2i_nb.cost import flops_per_iteration
-    unknown = set(args.only.split(",")) - set(LEVERS) if args.only else set()
-    if unknown: raise SystemExit(f"unknown --only {sorted(unknown)}; valid: {', '.join(LEVERS)}")
-    preset, names = args.presets.split(",")[0], [n for n in LEVERS if not args.only or n in args.only.split(",")]
+    preset, names = args.presets.split(",")[0], pick(args.only, LEVERS)
     res = {n: [] for n in names}
     for _ in range(args.rounds):
         for n in names:
@@ -142,7 +157,7 @@ def levers(args):
     flops = {fold: flops_per_iteration(make_config(img_size=args.img_size, ngf=args.ngf, ndf=args.ndf, loss=preset,
                                                    batch_size=args.batch_size, fold_magp=fold))["total"]
              for fold in (False, True)}
-    med = {n: statistics.median(t for r in rs for t in r["times"]) for n, rs in res.items()}
+    med = {n: statistics.median(all_times(rs)) for n, rs in res.items()}
     print(f"{preset}, {args.img_size} px, ngf {args.ngf} ndf {args.ndf}, batch {args.batch_size}, device {args.device}, "
           f"{res[names[0]][0]['threads']} thread(s), median of {args.rounds} rounds x {args.steps} steps after "
           f"{args.warmup} warm-up, load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs")
@@ -151,7 +166,7 @@ def levers(args):
     yn = lambda b: "yes" if b else "no"
     for n in names:
         keep, fold, cl, prec = LEVERS[n]
-        ts = [t for r in res[n] for t in r["times"]]
+        ts = all_times(res[n])
         print(f"| {n} | {yn(keep)} | {yn(fold)} | {yn(cl)} | {prec} | {med[n]:.2f} | {min(ts):.2f}–{max(ts):.2f} | "
               f"{args.batch_size / med[n]:.3g} | {med[names[0]] / med[n]:.2f} | {flops[fold] / 1e9:.1f} | "
               f"{max(r['peak_gb'] for r in res[n]):.2f} |")
@@ -160,8 +175,8 @@ def levers(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "t2i_bench_sb"))
-    ap.add_argument("--n-train", type=int, default=96)
-    ap.add_argument("--n-test", type=int, default=24)
+    ap.add_argument("--n-train", type=int, default=N_TRAIN)
+    ap.add_argument("--n-test", type=int, default=N_TEST)
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--ngf", type=int, default=None, help="default: the synth_birds training preset")
     ap.add_argument("--ndf", type=int, default=None)
@@ -191,7 +206,7 @@ def main():
         for k in modes:
             for n in presets: res[n, k].append(run(args, n, k))
     load = os.getloadavg()[0]
-    med = {key: statistics.median(t for r in rs for t in r["times"]) for key, rs in res.items()}
+    med = {key: statistics.median(all_times(rs)) for key, rs in res.items()}
     print(f"SSA-GAN iteration, {args.img_size} px, ngf {args.ngf} ndf {args.ndf}, batch {args.batch_size}, device {args.device}, "
           f"{res[presets[0], modes[0]][0]['threads']} thread(s), median of {args.rounds}x{args.steps} steps, load average {load:.1f}")
     print("| preset | keep_freed_memory | s/step | images/s | x none (speed) | peak memory GiB |")
