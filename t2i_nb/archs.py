@@ -149,9 +149,11 @@ def _ssagan_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tenso
         k = len(fake) // B if lcfg.d_both else 1                              # caption sets D is trained on
         d_sents = inp["sent"][:k * B]
         d_mis = sent[mis] if k == 1 else torch.cat([s[mis] for s in d_sents.split(B)])
+        every = m.arch_cfg.magp_every                                         # lazy MA-GP: every N-th step, x N
+        w = every if step % every == 0 else 0
         terms = d_step(m.G, m.D, m.optD, real if k == 1 else real.repeat(k, 1, 1, 1), d_sents, d_mis, noise,
-                       m.arch_cfg, fake=fake[:k * B], prec=prec)
-    if not m.arch_cfg.fold_magp: terms |= magp_step(m.D, m.optD, real, sent, m.arch_cfg, prec=prec)   # fp32
+                       m.arch_cfg, fake=fake[:k * B], prec=prec, magp_weight=w)
+    if not m.arch_cfg.fold_magp and w: terms |= magp_step(m.D, m.optD, real, sent, m.arch_cfg, prec=prec, weight=w)   # fp32
     extra = lambda f: auxiliary_terms(f, inp, lcfg, enc.image, real, enc.captioner, dist=dist)   # global-batch losses
     with prec.autocast():      # D unwrapped: frozen in the G step, so DDP must not wait for its gradients
         terms |= g_step(m.G, unwrap(m.D), m.optG, inp["sent"], inp["noise"], m.arch_cfg, fake=fake, extra_loss_fn=extra,
@@ -163,7 +165,8 @@ def _ssagan_step(m: Models, batch: dict, enc: Encoders, lcfg, noise: torch.Tenso
 def _build_ssagan(cfg, device) -> Models:
     from t2i_nb.ssagan import SSAGANConfig, make_models, make_optimizers
     gcfg = SSAGANConfig(ngf=cfg.ngf, ndf=cfg.ndf, img_size=cfg.img_size, batch_size=cfg.batch_size,
-                        lr_g=cfg.lr_g, lr_d=cfg.lr_d, fold_magp=cfg.fold_magp, gate_init=cfg.gate_init)
+                        lr_g=cfg.lr_g, lr_d=cfg.lr_d, fold_magp=cfg.fold_magp, gate_init=cfg.gate_init,
+                        magp_every=cfg.magp_every)
     G, D = make_models(gcfg, device)
     return Models(G, D, *make_optimizers(G, D, gcfg), gcfg, arch="ssagan")
 

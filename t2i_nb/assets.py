@@ -4,14 +4,15 @@
 
 # %% ../nbs/07d_assets.ipynb 1
 from __future__ import annotations
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from .core import get_device, to_dict
+from .core import busy_cores, get_device, to_dict
 from .accel import DistInfo, barrier
-from .cache import cached_asset
+from .cache import cached_asset, is_cached
 from .data import TextImageDataset, dataset_fingerprint, preflight
 from .synthbirds import make_synth_birds
 from .archs import Encoders, loss_of
@@ -89,32 +90,45 @@ def _rank0_first(info: DistInfo, fn):  # the other ranks wait (for hours if need
 
 
 # %% ../nbs/07d_assets.ipynb
+def _synth_recipes(cfg, n_train: int, device) -> dict:
+    "Every pretrained SynthBirds network: name -> (cache kind, the config its cache key is made of, build(folder))."
+    from t2i_nb.damsm import DAMSM_PRESETS, pretrain_damsm
+    from t2i_nb.evaluator import ARCH_VERSION as EV, EvaluatorConfig, train_evaluator
+    from t2i_nb.retrieval import ARCH_VERSION as RV, RetrievalConfig, train_retrieval
+    d, h = _epochs(DAMSM_PRESETS["synth_birds_cl"], cfg), _epochs(DAMSM_PRESETS["synth_birds"], cfg)
+    h = replace(h, seed=h.seed + 1)                                      # held out: another seed, no CL
+    e, r = _epochs(EvaluatorConfig(), cfg), _epochs(RetrievalConfig(n_images=n_train, img_size=cfg.img_size), cfg)
+    return {"damsm": ("damsm", d, lambda out: pretrain_damsm(d, cfg.data_dir, out, device)),
+            "eval_damsm": ("damsm", h, lambda out: pretrain_damsm(h, cfg.data_dir, out, device)),
+            "evaluator": ("evaluator", dict(to_dict(e), arch_version=EV),
+                          lambda out: train_evaluator(cfg.data_dir, e, device, out_dir=out)),
+            "retrieval": ("retrieval", dict(to_dict(r), arch_version=RV),
+                          lambda out: train_retrieval(cfg.data_dir, r, device, out_dir=out))}
+
+def _synth_asset(cfg, name: str, n_train: int, device, data_key: str) -> Path:
+    "The cache folder of SynthBirds network `name`, pretrained first if it is not there."
+    kind, acfg, build = _synth_recipes(cfg, n_train, device)[name]
+    return cached_asset(Path(cfg.data_dir) / "t2i_cache", kind, acfg, build, data_key)
+
 def _synth_damsm(cfg, train, device, heldout: bool, data_key: str):
     ("DAMSM encoders pretrained on SynthBirds: DAMSM+CL for training (as the paper), "
      "plain DAMSM with another seed held out.")
-    from t2i_nb.damsm import DAMSM_PRESETS, damsm_paths, load_damsm, pretrain_damsm
-    dcfg = _epochs(DAMSM_PRESETS["synth_birds" if heldout else "synth_birds_cl"], cfg)
-    if heldout: dcfg = replace(dcfg, seed=dcfg.seed + 1)
-    folder = cached_asset(Path(cfg.data_dir) / "t2i_cache", "damsm", dcfg,
-                          lambda out: pretrain_damsm(dcfg, cfg.data_dir, out, device), data_key)
+    from t2i_nb.damsm import damsm_paths, load_damsm
+    folder = _synth_asset(cfg, "eval_damsm" if heldout else "damsm", len(train), device, data_key)
     t, i = load_damsm(folder, train.n_words, device)
     return _frozen(t), _frozen(i), dict(zip(("text", "image"), map(str, damsm_paths(folder))))
 
 def _synth_evaluator(cfg, device, data_key: str):
     "The SynthBirds attribute/species classifier, trained once per (config, data) and cached (`cached_asset`)."
-    from t2i_nb.evaluator import ARCH_VERSION, EvaluatorConfig, load_evaluator, train_evaluator
-    ecfg = _epochs(EvaluatorConfig(), cfg)
-    folder = cached_asset(Path(cfg.data_dir) / "t2i_cache", "evaluator", dict(to_dict(ecfg), arch_version=ARCH_VERSION),
-                          lambda out: train_evaluator(cfg.data_dir, ecfg, device, out_dir=out), data_key)
+    from t2i_nb.evaluator import load_evaluator
+    folder = _synth_asset(cfg, "evaluator", cfg.n_train, device, data_key)
     model, report = load_evaluator(folder, device)
     return _frozen(model), dict(weights=model.weights_path, test_accuracy=report.get("test_accuracy"))
 
 def _synth_retrieval(cfg, train, device, data_key: str):
     "The independent retrieval pair (`07aa_retrieval`): trained once on fresh draws of as many birds as the train split."
-    from t2i_nb.retrieval import ARCH_VERSION, RetrievalConfig, load_retrieval, train_retrieval
-    rcfg = _epochs(RetrievalConfig(n_images=len(train), img_size=cfg.img_size), cfg)
-    folder = cached_asset(Path(cfg.data_dir) / "t2i_cache", "retrieval", dict(to_dict(rcfg), arch_version=ARCH_VERSION),
-                          lambda out: train_retrieval(cfg.data_dir, rcfg, device, out_dir=out), data_key)
+    from t2i_nb.retrieval import load_retrieval
+    folder = _synth_asset(cfg, "retrieval", len(train), device, data_key)
     t, i, report = load_retrieval(folder, train.n_words, device)
     return t, i, dict(pair=str(folder / "retrieval.pt"), real_rprec=report["real_rprec"])
 
@@ -128,8 +142,46 @@ def _captioner(cfg, train, device, data_key: str):
     return load_captioner(folder / "captioner.pth", train.n_words, device), str(folder / "captioner.pth")
 
 # %% ../nbs/07d_assets.ipynb
-def prepare_assets(cfg: TrainConfig, device=None) -> Assets:
-    "Datasets and pretrained networks for `cfg`: built/pretrained once and cached (SynthBirds), or read (CUB/COCO)."
+# relative pretraining cost of each SynthBirds network (seconds on the 2-core machine: 131, 76, 37, 80)
+_BUILD_COST = {"damsm": 131, "eval_damsm": 76, "evaluator": 37, "retrieval": 80}
+
+def _split_builds(names) -> tuple[list, list]:
+    "Two shares of `names` with about equal cost: longest first, each to the share with less so far."
+    shares, cost = ([], []), [0, 0]
+    for n in sorted(names, key=lambda n: -_BUILD_COST[n]):
+        k = cost.index(min(cost)); shares[k].append(n); cost[k] += _BUILD_COST[n]
+    return shares
+
+def _build_synth(cfg, names, n_train: int, data_key: str, threads: int = 1):
+    "Pretrain the named SynthBirds networks into the cache on the CPU with `threads` threads (the helper's work)."
+    torch.set_num_threads(threads)
+    for n in names: _synth_asset(cfg, n, n_train, torch.device("cpu"), data_key)
+
+def _prebuild_in_parallel(cfg, n_train: int, device, data_key: str, workers: int | None = None) -> list[str]:
+    "Pretrain the missing SynthBirds networks two at a time (a helper process and this one); the helper's names."
+    import multiprocessing as mp
+    cache = Path(cfg.data_dir) / "t2i_cache"
+    recipes = _synth_recipes(cfg, n_train, device)
+    missing = [n for n, (kind, acfg, _) in recipes.items() if not is_cached(cache, kind, acfg, data_key)]
+    if workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = 2 if cores - round(busy_cores()) >= 2 and n_train >= 500 else 1
+    if workers < 2 or len(missing) < 2 or device.type != "cpu": return []
+    mine, theirs = _split_builds(missing)
+    helper = mp.get_context("spawn").Process(target=_build_synth, args=(cfg, theirs, n_train, data_key))
+    helper.start()
+    before = torch.get_num_threads()
+    try: _build_synth(cfg, mine, n_train, data_key)
+    finally:
+        torch.set_num_threads(before)
+        helper.join()
+    return theirs
+
+
+# %% ../nbs/07d_assets.ipynb
+def prepare_assets(cfg: TrainConfig, device=None, workers: int | None = None) -> Assets:
+    ("Datasets and pretrained networks for `cfg`: built/pretrained once and cached (SynthBirds), or read (CUB/COCO); "
+     "`workers`: SynthBirds networks pretrained at once on a CPU (None: 2 when two cores are free, see above).")
     device = get_device(device or cfg.device)
     if cfg.dataset == "synth_birds": make_synth_birds(cfg.data_dir, cfg.n_train, cfg.n_test, img_size=cfg.img_size)
     train, test = _datasets(cfg)
@@ -138,6 +190,7 @@ def prepare_assets(cfg: TrainConfig, device=None) -> Assets:
     fp = dataset_fingerprint(cfg.data_dir)
     need_cap = loss_of(cfg).lambda_cap > 0
     if cfg.dataset == "synth_birds":
+        _prebuild_in_parallel(cfg, len(train), device, fp, workers)
         t, i, damsm = _synth_damsm(cfg, train, device, heldout=False, data_key=fp)
         et, ei, edamsm = _synth_damsm(cfg, train, device, heldout=True, data_key=fp)
         ev, ev_info = _synth_evaluator(cfg, device, fp)

@@ -11,13 +11,21 @@ from .core import atomic_write_json, config_key, to_dict
 from .files import RunLock
 
 # %% auto 0
-__all__ = ['cached_asset']
+__all__ = ['asset_folder', 'is_cached', 'cached_asset']
 
 # %% ../nbs/00c_cache.ipynb
+def asset_folder(cache_dir, kind: str, cfg, data_key: str | None = None) -> Path:
+    "Where `cached_asset` keeps the asset of (kind, cfg, data_key): `<cache_dir>/<kind>-<key>`, built or not."
+    key = config_key(dict(cfg=to_dict(cfg), data=data_key)) if data_key else config_key(cfg)
+    return Path(cache_dir) / f"{kind}-{key}"
+
+def is_cached(cache_dir, kind: str, cfg, data_key: str | None = None) -> bool:
+    "Whether that asset is built and published (a half-built or locked one is not)."
+    return (asset_folder(cache_dir, kind, cfg, data_key) / "asset.json").exists()
+
 def cached_asset(cache_dir, kind: str, cfg, build, data_key: str | None = None) -> Path:
     "Folder `<cache_dir>/<kind>-<key of cfg and data_key>`, made by `build(folder)` once (other processes wait)."
-    key = config_key(dict(cfg=to_dict(cfg), data=data_key)) if data_key else config_key(cfg)
-    out = Path(cache_dir) / f"{kind}-{key}"
+    out = asset_folder(cache_dir, kind, cfg, data_key)
     if (out / "asset.json").exists(): return out
     with RunLock(cache_dir, what="build of this asset", wait=True, name=f".{out.name}.lock"):
         if (out / "asset.json").exists(): return out          # built by the process we waited for

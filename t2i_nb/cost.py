@@ -139,7 +139,9 @@ def flops_per_iteration(cfg: TrainConfig,            # the run (arch, img_size, 
                         words: int = 18,             # caption length (the dataset's words_num: an upper bound)
                         n_words: int | None = None,  # text-encoder vocabulary (default `VOCAB[cfg.dataset]`)
                         ) -> dict:
-    "FLOPs of one `train_step` of `cfg` counted on fake tensors: `total`, `parts` (by network), `steps` (by update)."
+    ("FLOPs of one `train_step` of `cfg` counted on fake tensors: `total`, `parts` (by network), `steps` (by update); "
+     "SSA-GAN's MA-GP step always counted (a lazy schedule, `magp_every`, runs it every N-th iteration).")
+    cfg = replace(cfg, magp_every=1)     # SSA-GAN's iteration with its MA-GP step, on the official schedule
     lcfg = loss_of(replace(cfg, loss=loss or cfg.loss))
     if lcfg.lambda_cap > 0: raise ValueError("the re-captioning term's captioner is not modelled; use another preset")
     mode, fc = FakeTensorMode(), FlopCounterMode(display=False)

@@ -20,7 +20,7 @@ from .sampling import fixed_captions, generate, save_grid
 from .train import load_latest_checkpoint, train
 
 # %% auto 0
-__all__ = ['STUDIES', 'SEEDS', 'study_configs', 'is_done', 'StudyError', 'run_study', 'loss_grid']
+__all__ = ['STUDIES', 'SEEDS', 'STUDY_PRESET', 'study_configs', 'is_done', 'StudyError', 'run_study', 'loss_grid']
 
 # %% ../nbs/08a_reproduce.ipynb
 STUDIES = Registry("study preset", {             # dataset -> architecture -> its rows' loss presets
@@ -35,16 +35,19 @@ STUDIES = Registry("study preset", {             # dataset -> architecture -> it
              "attngan": ("attngan", "attngan_cl")},
 })
 SEEDS = (100, 101, 102, 103, 104)
+# a study's training preset where it differs from the dataset's own (the main job's)
+STUDY_PRESET = {"synth_birds": "synth_birds_study"}
 
 def study_configs(dataset: str = "synth_birds", losses=None, seeds=SEEDS, out_dir: str = "results/reproduce",
-                  arch: str = "ssagan", **overrides) -> list[TrainConfig]:
-    ("One validated config per (seed, loss preset), seed-major, "
-     "written under `<out_dir>/<dataset>/<arch>-<loss>-s<seed>`.")
+                  arch: str = "ssagan", preset: str | None = None, **overrides) -> list[TrainConfig]:
+    ("One validated config per (seed, loss preset), seed-major, written under "
+     "`<out_dir>/<dataset>/<arch>-<loss>-s<seed>`; `preset` defaults to `STUDY_PRESET` or the dataset's.")
     rows = STUDIES[dataset]
     if not losses and arch not in rows:
         raise ValueError(f"study {dataset!r} has no rows for arch {arch!r} (it has {', '.join(rows)}): pass losses=")
     losses = tuple(losses or rows[arch])
-    cfgs = [make_config(dataset, arch=arch, loss=loss, seed=int(s), out_dir=f"{out_dir}/{dataset}",
+    preset = preset or STUDY_PRESET.get(dataset)
+    cfgs = [make_config(dataset, preset, arch=arch, loss=loss, seed=int(s), out_dir=f"{out_dir}/{dataset}",
                         run_name=f"{arch}-{loss}-s{s}", **overrides) for s in seeds for loss in losses]
     if any(c.n_eval == 0 for c in cfgs): raise ValueError("a study compares metrics: n_eval must be > 0")
     return cfgs

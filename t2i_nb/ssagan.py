@@ -229,6 +229,7 @@ class SSAGANConfig:
     magp_k: float = 2.0          # MA-GP weight k
     magp_p: float = 6.0          # MA-GP power p
     fold_magp: bool = False      # False: separate MA-GP D step (SSA-GAN); True: inside the hinge step (DF-GAN 2022)
+    magp_every: int = 1          # separate MA-GP step every N iterations, weighted N (lazy, as StyleGAN2's R1; official 1)
     gate_init: float = 0.0       # initial γ of the residual gates (official 0; short CPU runs use 1, see below)
     channels_last: bool = True   # store conv weights channels-last (faster CPU convolutions; same maths)
 
@@ -267,24 +268,28 @@ def frozen(module: nn.Module):
         for p, f in zip(module.parameters(), flags): p.requires_grad_(f)
 
 # %% ../nbs/04_ssagan.ipynb
-def d_step(G, D, optD, real, sent, mis_sent, noise, cfg: SSAGANConfig, fake=None, prec=None) -> dict:
-    "One hinge D update (plus MA-GP when `cfg.fold_magp`); `fake` defaults to `G(noise, sent)` without grad."
+def d_step(G, D, optD, real, sent, mis_sent, noise, cfg: SSAGANConfig, fake=None, prec=None,
+           magp_weight: float = 1.) -> dict:
+    ("One hinge D update (plus `magp_weight` x MA-GP when `cfg.fold_magp`; weight 0: none this step); "
+     "`fake` defaults to `G(noise, sent)` without grad.")
     if fake is None:
         with torch.no_grad(): fake = G(noise, sent)[0]
-    if cfg.fold_magp: real, sent = real.detach().requires_grad_(), sent.detach().requires_grad_()
+    fold = cfg.fold_magp and magp_weight > 0
+    if fold: real, sent = real.detach().requires_grad_(), sent.detach().requires_grad_()
     B = len(real)
     feats = D(torch.cat([real, fake.detach()]))                      # D has no BN: one pass = two passes
     logits = D.cond_logits(torch.cat([feats[:B], feats[:B], feats[B:]]), torch.cat([sent, mis_sent, sent])).float()
     t = hinge_d_loss(logits[:B], logits[2 * B:], logits[B:2 * B])
     terms = dict(d_loss=t["total"], d_real=t["real"], d_fake=t["fake"], d_mis=t["mis"])
-    if cfg.fold_magp: terms["magp"] = magp_penalty(logits[:B], real, sent, cfg.magp_k, cfg.magp_p)
-    return _update(optD, terms["d_loss"] + terms.get("magp", 0.), terms, "SSA-GAN D step", prec)
+    if fold: terms["magp"] = magp_penalty(logits[:B], real, sent, cfg.magp_k, cfg.magp_p)
+    return _update(optD, terms["d_loss"] + magp_weight * terms.get("magp", 0.), terms, "SSA-GAN D step", prec)
 
-def magp_step(D, optD, real, sent, cfg: SSAGANConfig, prec=None) -> dict:
-    "The separate MA-GP D update of SSA-GAN / DF-GAN 2020 (always in fp32: gradient norms to the 6th power)."
+def magp_step(D, optD, real, sent, cfg: SSAGANConfig, prec=None, weight: float = 1.) -> dict:
+    ("The separate MA-GP D update of SSA-GAN / DF-GAN 2020 on `weight` x the penalty (always in fp32: gradient norms "
+     "to the 6th power); the logged `magp` is the penalty itself.")
     with torch.autocast(real.device.type, enabled=False):
         gp = ma_gp(D, real.float(), sent.float(), cfg.magp_k, cfg.magp_p)
-    return _update(optD, gp, dict(magp=gp), "SSA-GAN MA-GP step", prec)
+    return _update(optD, weight * gp, dict(magp=gp), "SSA-GAN MA-GP step", prec)
 
 # %% ../nbs/04_ssagan.ipynb
 def g_step(G, D, optG, sent, noise, cfg: SSAGANConfig, fake=None, extra_loss_fn=None, prec=None) -> dict:

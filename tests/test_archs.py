@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_cfg(**kw):
     base = dict(ngf=4, ndf=4, img_size=64, batch_size=4, lr_g=2e-4, lr_d=2e-4, ema_decay=0.9, arch="attngan",
-                arch_opts={}, sync_bn=False, compile=False, fold_magp=False, gate_init=1.0, dataset="synth_birds")
+                arch_opts={}, sync_bn=False, compile=False, fold_magp=False, gate_init=1.0, dataset="synth_birds", magp_every=1)
     return SimpleNamespace(**(base | kw))
 
 
@@ -129,7 +129,13 @@ def test_registry_errors_name_the_valid_choices():
 
 def test_presets_and_defaults_per_dataset(tmp_path):
     c = make_config(arch="attngan", loss="attngan_cl")
-    assert (c.ngf, c.ndf, c.lr_g, c.lr_d, c.ema_decay, c.batch_size) == (16, 16, 2e-4, 2e-4, 0.99, 12)
+    assert (c.ngf, c.ndf, c.lr_g, c.lr_d, c.ema_decay, c.batch_size) == (16, 16, 2e-4, 2e-4, 0.99, 8)
+    c = make_config(preset="synth_birds_study", arch="attngan")                 # the committed study's settings
+    assert (c.epochs, c.batch_size, c.ema_decay) == (3, 12, 0.99)             # AttnGAN's own EMA on top
+    s, m = make_config(preset="synth_birds_study"), make_config()             # SSA-GAN: study vs main job
+    assert (s.epochs, s.batch_size, s.magp_every, s.ema_decay) == (3, 12, 1, 0.0)
+    assert (m.epochs, m.batch_size, m.magp_every, m.ema_decay) == (5, 8, 4, 0.98)
+    assert make_config("cub", data_dir=str(tmp_path)).magp_every == 1 and make_config("cub", data_dir=str(tmp_path)).ema_decay == 0
     (tmp_path / "coco").mkdir()
     c = make_config("coco", arch="attngan", loss="attngan", data_dir=str(tmp_path / "coco"))
     assert (c.ngf, c.ndf, c.batch_size, c.arch_opts, c.ema_decay) == (48, 96, 14, {"r_num": 3}, 0.999)

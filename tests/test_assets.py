@@ -22,3 +22,26 @@ def test_cub_captioner_is_pretrained_once_then_read_from_the_cache(tmp_path, mon
                         lambda *a, **k: pytest.fail("the cached captioner was pretrained again"))
     again, path2 = _captioner(cfg, train, "cpu", dataset_fingerprint(root))
     assert path2 == path and torch.equal(next(again.parameters()), next(cap.parameters()))
+
+
+def test_synthbirds_networks_are_pretrained_two_at_a_time_then_only_read(tmp_path, monkeypatch):
+    from t2i_nb.assets import _prebuild_in_parallel, _synth_recipes, prepare_assets
+    from t2i_nb.cache import is_cached
+    from t2i_nb.synthbirds import make_synth_birds
+    import t2i_nb.damsm as damsm_mod, t2i_nb.evaluator as evaluator_mod, t2i_nb.retrieval as retrieval_mod
+    cfg = make_config(data_dir=str(tmp_path / "sb"), n_train=24, n_test=8, batch_size=8, pretrain_epochs=1,
+                      device="cpu", check_data=False)
+    make_synth_birds(cfg.data_dir, cfg.n_train, cfg.n_test, img_size=cfg.img_size, progress=False)
+    fp = dataset_fingerprint(cfg.data_dir)
+    recipes = _synth_recipes(cfg, cfg.n_train, "cpu")
+    cached = lambda: {n: is_cached(tmp_path / "sb" / "t2i_cache", k, c, fp) for n, (k, c, _) in recipes.items()}
+    assert not any(cached().values())
+    assert _prebuild_in_parallel(cfg, cfg.n_train, torch.device("cpu"), fp, workers=1) == []     # forced sequential
+    helper = _prebuild_in_parallel(cfg, cfg.n_train, torch.device("cpu"), fp, workers=2)
+    assert sorted(helper) == ["eval_damsm", "retrieval"]                 # the helper process's share
+    assert all(cached().values())                                        # every network built, by one process or the other
+    for mod, fn in ((damsm_mod, "pretrain_damsm"), (evaluator_mod, "train_evaluator"), (retrieval_mod, "train_retrieval")):
+        monkeypatch.setattr(mod, fn, lambda *a, **k: pytest.fail("a cached network was pretrained again"))
+    assert _prebuild_in_parallel(cfg, cfg.n_train, torch.device("cpu"), fp, workers=2) == []     # nothing missing
+    a = prepare_assets(cfg, "cpu", workers=2)                            # reads what the two processes wrote
+    assert a.eval_text_enc is not None and a.indep_text_enc is not None and a.evaluator is not None

@@ -62,7 +62,7 @@ def losses(kw, name): return pd.read_csv(Path(kw["out_dir"]) / name / "losses.cs
 def test_bf16_steps_are_finite_and_close_to_fp32(tiny):
     kw, _ = tiny
     for prec in ("fp32", "bf16"):
-        train(make_config(**dict(kw, run_name=f"prec-{prec}", precision=prec, epochs=1)), progress=False)
+        train(make_config(**dict(kw, run_name=f"prec-{prec}", precision=prec, epochs=1, magp_every=1)), progress=False)
     a, b = losses(kw, "prec-fp32"), losses(kw, "prec-bf16")
     assert len(a) == len(b) == 6 and np.isfinite(b.drop(columns=["step", "epoch"]).to_numpy()).all()
     # step 1 sees the same weights: only bf16 rounding of the forward passes differs
