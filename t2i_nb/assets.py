@@ -4,13 +4,12 @@
 
 # %% ../nbs/07d_assets.ipynb 1
 from __future__ import annotations
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from .core import busy_cores, get_device, to_dict
+from .core import free_cores, get_device, to_dict
 from .accel import DistInfo, barrier
 from .cache import cached_asset, is_cached
 from .data import TextImageDataset, dataset_fingerprint, preflight
@@ -163,9 +162,7 @@ def _prebuild_in_parallel(cfg, n_train: int, device, data_key: str, workers: int
     cache = Path(cfg.data_dir) / "t2i_cache"
     recipes = _synth_recipes(cfg, n_train, device)
     missing = [n for n, (kind, acfg, _) in recipes.items() if not is_cached(cache, kind, acfg, data_key)]
-    if workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = 2 if cores - round(busy_cores()) >= 2 and n_train >= 500 else 1
+    if workers is None: workers = 2 if n_train >= 500 and free_cores() >= 2 else 1
     if workers < 2 or len(missing) < 2 or device.type != "cpu": return []
     mine, theirs = _split_builds(missing)
     helper = mp.get_context("spawn").Process(target=_build_synth, args=(cfg, theirs, n_train, data_key))

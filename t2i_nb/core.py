@@ -14,7 +14,8 @@ import torch
 # %% auto 0
 __all__ = ['get_device', 'seed_everything', 'rng_state', 'set_rng_state', 'UnknownNameError', 'Registry', 'atomic_write',
            'atomic_torch_save', 'atomic_write_json', 'to_dict', 'config_key', 'file_hash', 'NonFiniteLossError',
-           'check_finite', 'nonfinite_tensors', 'resize', 'keep_freed_memory', 'busy_cores', 'cpu_threads']
+           'check_finite', 'nonfinite_tensors', 'resize', 'keep_freed_memory', 'busy_cores', 'free_cores',
+           'cpu_threads']
 
 # %% ../nbs/00_core.ipynb
 def get_device(device: str | torch.device = "auto") -> torch.device:
@@ -185,15 +186,18 @@ def busy_cores(interval: float = 0.25) -> float:
         try: return float(os.getloadavg()[0])
         except (OSError, AttributeError): return 0.0
 
+def free_cores(busy: float | None = None) -> int:
+    "Cores this process may use minus those other processes keep busy (`busy`: `busy_cores()`), at least 1."
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    others = busy_cores() if busy is None else busy
+    return max(1, min(cores, cores - math.floor(others + 0.5)))
+
 def cpu_threads(threads: int | None = None, busy: float | None = None) -> int:
     ("Set torch's intra-op CPU threads and return the count: `threads` if given (or OMP_NUM_THREADS in the "
      "environment), else the cores this process may use minus those others keep busy (`busy`: `busy_cores()`), >= 1.")
     if threads is None and os.environ.get("OMP_NUM_THREADS"):
         threads = torch.get_num_threads()                      # the launcher's choice (torchrun sets 1) stands
-    if threads is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        others = busy_cores() if busy is None else busy
-        threads = max(1, min(cores, cores - math.floor(others + 0.5)))
+    if threads is None: threads = free_cores(busy)
     if not isinstance(threads, int) or threads < 1: raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     if torch.get_num_threads() != threads: torch.set_num_threads(threads)
     return threads
