@@ -45,17 +45,18 @@ step(); step()
 times = []
 for _ in range(a["steps"]):
     t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
-print(json.dumps(dict(times=times, threads=threads, policy=os.environ.get("OMP_WAIT_POLICY"))))
+print(json.dumps(dict(times=times, threads=threads)))
 """
 
-SETTINGS = {"spin, 2 threads": ("ACTIVE", 2), "passive, 2 threads": ("PASSIVE", 2), "spin, 1 thread": ("ACTIVE", 1),
-            "passive, 1 thread": ("PASSIVE", 1), "auto": (None, None)}
+SETTINGS = {"spin, 2 threads": ({}, 2), "passive, 2 threads": ({"OMP_WAIT_POLICY": "PASSIVE"}, 2),
+            "spin 30k, 2 threads": ({"GOMP_SPINCOUNT": "30000"}, 2), "spin 3k, 2 threads": ({"GOMP_SPINCOUNT": "3000"}, 2),
+            "spin, 1 thread": ({}, 1), "passive, 1 thread": ({"OMP_WAIT_POLICY": "PASSIVE"}, 1), "auto": (None, None)}
+THREAD_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 
 
-def cell(policy, threads, steps):
-    env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    if policy: env["OMP_WAIT_POLICY"] = policy
+def cell(extra, threads, steps):
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
+    env.update(extra or {})          # None (auto): the environment t2i_nb sets up for itself
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(dict(threads=threads, steps=steps))], env=env,
                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if out.returncode: raise SystemExit(out.stderr[-2000:])
@@ -67,15 +68,17 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--busy", type=int, default=1, help="single-threaded busy processes beside the busy cells")
+    p.add_argument("--only", nargs="*", default=None, help=f"settings to run (default all): {list(SETTINGS)}")
     a = p.parse_args()
+    settings = {k: SETTINGS[k] for k in (a.only or SETTINGS)}
     res = {}
     for cond in ("quiet", "busy"):
         spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.busy if cond == "busy" else 0)]
         time.sleep(1.0 if spinners else 0)
         try:
             for r in range(a.rounds):
-                for name, (policy, threads) in SETTINGS.items():
-                    out = cell(policy, threads, a.steps)
+                for name, (extra, threads) in settings.items():
+                    out = cell(extra, threads, a.steps)
                     res.setdefault((name, cond), []).extend(out["times"]); res[(name, "threads", cond)] = out["threads"]
                     print(f"round {r + 1} {cond:5s} {name:20s} {statistics.median(out['times']):.3f} s/step "
                           f"({out['threads']} threads)", file=sys.stderr, flush=True)
@@ -85,8 +88,8 @@ def main():
           f" median of {a.rounds} x {a.steps} steps\n")
     print(f"| setting | threads quiet / busy | quiet s/step | busy s/step | busy / quiet | vs spin 2 threads quiet |")
     print("|---|---|---|---|---|---|")
-    base = statistics.median(res[("spin, 2 threads", "quiet")])
-    for name in SETTINGS:
+    base = statistics.median(res[("spin, 2 threads", "quiet")]) if "spin, 2 threads" in settings else float("nan")
+    for name in settings:
         q, b = statistics.median(res[(name, "quiet")]), statistics.median(res[(name, "busy")])
         print(f"| {name} | {res[(name, 'threads', 'quiet')]} / {res[(name, 'threads', 'busy')]} | {q:.3f} | {b:.3f} | "
               f"{b / q:.2f}x | quiet {q / base:.2f}x, busy {b / base:.2f}x |")

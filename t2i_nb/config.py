@@ -35,7 +35,7 @@ class TrainConfig:
     img_size: int = 64                 # generated resolution
     ngf: int = 16                      # generator width (paper: 64)
     ndf: int = 16                      # discriminator width (paper: 64)
-    epochs: int = 7                    # passes over the training images
+    epochs: int = 6                    # passes over the training images
     batch_size: int = 8                # paper: 24
     lr_g: float = 2e-4                 # Adam lr of G, betas (0, 0.9) (paper: 1e-4)
     lr_d: float = 8e-4                 # Adam lr of D (paper: 4e-4)

@@ -100,14 +100,16 @@ class LossLog:
     def add(self, step: int, epoch: int, terms: dict): self.rows.append(dict(step=step, epoch=epoch, **terms))
 
     def flush(self):
-        "Append the buffered rows (header only when the file is new; rewritten with all columns if the terms changed)."
+        "Append the buffered rows in the file's column order (a term a lazy step skipped is left empty); the file is\
+ rewritten with all columns only when a new term appears."
         if not self.rows: return
         new, self.rows = pd.DataFrame(self.rows), []
-        if self.path.exists() and pd.read_csv(self.path, nrows=0).columns.tolist() != new.columns.tolist():
-            # allow_config_change changed the loss
+        if not self.path.exists(): new.to_csv(self.path, index=False); return
+        head = pd.read_csv(self.path, nrows=0).columns.tolist()
+        if set(new.columns) <= set(head): new.reindex(columns=head).to_csv(self.path, mode="a", header=False, index=False)
+        else:                                        # allow_config_change added a loss term
             df = pd.concat([pd.read_csv(self.path), new], ignore_index=True)
             with atomic_write(self.path) as tmp: df.to_csv(tmp, index=False)
-        else: new.to_csv(self.path, mode="a", header=not self.path.exists(), index=False)
 
     def resume_at(self, step: int):
         "Drop rows after `step` (and any half-written last line) before a resumed run appends."

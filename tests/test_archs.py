@@ -134,7 +134,7 @@ def test_presets_and_defaults_per_dataset(tmp_path):
     assert (c.epochs, c.batch_size, c.ema_decay) == (3, 12, 0.99)             # AttnGAN's own EMA on top
     s, m = make_config(preset="synth_birds_study"), make_config()             # SSA-GAN: study vs main job
     assert (s.epochs, s.batch_size, s.magp_every, s.ema_decay) == (3, 12, 1, 0.0)
-    assert (m.epochs, m.batch_size, m.magp_every, m.ema_decay) == (7, 8, 4, 0.98)
+    assert (m.epochs, m.batch_size, m.magp_every, m.ema_decay) == (6, 8, 4, 0.98)
     assert make_config("cub", data_dir=str(tmp_path)).magp_every == 1 and make_config("cub", data_dir=str(tmp_path)).ema_decay == 0
     (tmp_path / "coco").mkdir()
     c = make_config("coco", arch="attngan", loss="attngan", data_dir=str(tmp_path / "coco"))
