@@ -5,6 +5,7 @@ batch 12, untrained encoders: weights do not change the speed) under one threadi
 
 - `spin, 2 threads`: torch's defaults (OpenMP waiters spin; every core), what training used before this release;
 - `passive, 2 threads`: OMP_WAIT_POLICY=PASSIVE (waiters sleep), every core;
+- `spin 30k` / `spin 3k, 2 threads`: libgomp waiters spin 30,000 / 3,000 times (GOMP_SPINCOUNT; default 300,000), then sleep;
 - `spin, 1 thread` and `passive, 1 thread`;
 - `auto`: what training does now (`t2i_nb.core.cpu_threads()`: spinning waiters, threads = the cores other
   processes leave free, measured when the cell starts).

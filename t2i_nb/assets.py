@@ -162,7 +162,7 @@ def _prebuild_in_parallel(cfg, n_train: int, device, data_key: str, workers: int
     cache = Path(cfg.data_dir) / "t2i_cache"
     recipes = _synth_recipes(cfg, n_train, device)
     missing = [n for n, (kind, acfg, _) in recipes.items() if not is_cached(cache, kind, acfg, data_key)]
-    if workers is None: workers = 2 if n_train >= 500 and free_cores(busy=0) >= 2 else 1   # busy or not: see above
+    if workers is None: workers = 2 if n_train >= 500 and free_cores() >= 2 else 1   # two cores free: see above
     if workers < 2 or len(missing) < 2 or device.type != "cpu": return []
     mine, theirs = _split_builds(missing)
     helper = mp.get_context("spawn").Process(target=_build_synth, args=(cfg, theirs, n_train, data_key))
@@ -178,7 +178,7 @@ def _prebuild_in_parallel(cfg, n_train: int, device, data_key: str, workers: int
 # %% ../nbs/07d_assets.ipynb
 def prepare_assets(cfg: TrainConfig, device=None, workers: int | None = None) -> Assets:
     ("Datasets and pretrained networks for `cfg`: built/pretrained once and cached (SynthBirds), or read (CUB/COCO); "
-     "`workers`: SynthBirds networks pretrained at once on a CPU (None: 2 when the process may use two cores, see above).")
+     "`workers`: SynthBirds networks pretrained at once on a CPU (None: 2 when two cores are free, see above).")
     device = get_device(device or cfg.device)
     if cfg.dataset == "synth_birds": make_synth_birds(cfg.data_dir, cfg.n_train, cfg.n_test, img_size=cfg.img_size)
     train, test = _datasets(cfg)
