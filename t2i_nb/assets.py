@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .core import free_cores, get_device, to_dict
+from .core import cpu_threads, free_cores, get_device, to_dict
 from .accel import DistInfo, barrier
 from .cache import cached_asset, is_cached
 from .data import TextImageDataset, dataset_fingerprint, preflight
@@ -180,6 +180,7 @@ def prepare_assets(cfg: TrainConfig, device=None, workers: int | None = None) ->
     ("Datasets and pretrained networks for `cfg`: built/pretrained once and cached (SynthBirds), or read (CUB/COCO); "
      "`workers`: SynthBirds networks pretrained at once on a CPU (None: 2 when two cores are free, see above).")
     device = get_device(device or cfg.device)
+    if device.type == "cpu": cpu_threads(cfg.threads)  # as training does: pretraining beside a busy process
     if cfg.dataset == "synth_birds": make_synth_birds(cfg.data_dir, cfg.n_train, cfg.n_test, img_size=cfg.img_size)
     train, test = _datasets(cfg)
     if cfg.check_data:

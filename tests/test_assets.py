@@ -1,4 +1,6 @@
 "Pretrained assets on CUB-format data: the re-captioning model is pretrained once into the dataset's cache, then read."
+import os
+
 import pytest
 import torch
 
@@ -45,3 +47,25 @@ def test_synthbirds_networks_are_pretrained_two_at_a_time_then_only_read(tmp_pat
     assert _prebuild_in_parallel(cfg, cfg.n_train, torch.device("cpu"), fp, workers=2) == []     # nothing missing
     a = prepare_assets(cfg, "cpu", workers=2)                            # reads what the two processes wrote
     assert a.eval_text_enc is not None and a.indep_text_enc is not None and a.evaluator is not None
+
+
+def test_prepare_assets_sets_the_threads_training_would_beside_a_busy_machine(tmp_path, monkeypatch):
+    "The training notebook prepares assets before `train`: their pretraining must not spin two threads on a busy machine."
+    import t2i_nb.core as core
+    from t2i_nb.assets import prepare_assets
+    cfg = make_config(data_dir=str(tmp_path / "sb"), n_train=24, n_test=8, batch_size=8, pretrain_epochs=1,
+                      device="cpu", check_data=False)
+    seen, orig = [], torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(core, "busy_cores", lambda interval=0.25: float(os.cpu_count() or 1) + 1.0)   # every core taken
+    import t2i_nb.damsm as damsm_mod
+    real = damsm_mod.pretrain_damsm
+    monkeypatch.setattr(damsm_mod, "pretrain_damsm", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    try:
+        torch.set_num_threads(2)
+        prepare_assets(cfg, "cpu")
+        assert seen and set(seen) == {1}                   # both DAMSM pairs pretrained with one thread
+        torch.set_num_threads(2)
+        prepare_assets(make_config(**{**cfg.__dict__, "threads": 2}), "cpu")   # an explicit count wins (all cached now)
+        assert torch.get_num_threads() == 2
+    finally: torch.set_num_threads(orig)
