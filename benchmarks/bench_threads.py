@@ -57,7 +57,7 @@ THREAD_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 
 def cell(extra, threads, steps):
     env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
-    env.update(extra or {})          # None (auto): the environment t2i_nb sets up for itself
+    env.update(extra or {})          # auto (None): no threading variables, `cpu_threads()` decides
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(dict(threads=threads, steps=steps))], env=env,
                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if out.returncode: raise SystemExit(out.stderr[-2000:])
