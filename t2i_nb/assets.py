@@ -4,12 +4,13 @@
 
 # %% ../nbs/07d_assets.ipynb 1
 from __future__ import annotations
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from .core import cpu_threads, free_cores, get_device, to_dict
+from .core import allowed_cpus, busy_cores, cpu_threads, free_cores, get_device, pin_threads, to_dict
 from .accel import DistInfo, barrier
 from .cache import cached_asset, is_cached
 from .data import TextImageDataset, dataset_fingerprint, preflight
@@ -49,6 +50,7 @@ class Assets:
     info: dict = field(default_factory=dict)
     indep_text_enc: torch.nn.Module | None = None  # independent pair for rprec_100_indep (SynthBirds: 07aa_retrieval)
     indep_img_enc: torch.nn.Module | None = None
+    pending: tuple | None = None                   # (helper, loader) of networks still pretraining: see `ready`
 
     def encoders(self, lcfg) -> Encoders:
         "The frozen networks the generator objective uses."
@@ -56,10 +58,25 @@ class Assets:
             raise ValueError("the loss preset needs a captioner (lambda_cap > 0) but none was prepared")
         return Encoders(self.text_enc, self.img_enc, self.captioner if lcfg.lambda_cap > 0 else None)
 
+    def ready(self) -> Assets:
+        ("Wait for the networks `prepare_assets(background=True)` left pretraining in a helper process and load "
+         "them (building here whatever the helper did not); returns self. `evaluate` calls it.")
+        if self.pending is None: return self
+        helper, load = self.pending
+        code = helper.wait()
+        if code: warnings.warn(f"the background pretraining of {', '.join(helper.names)} exited with code {code}: "
+                               f"what it left is built in this process")
+        nets, info = load()
+        for k, v in nets.items(): setattr(self, k, v)
+        self.info.update(info); self.info.pop("pending", None)
+        self.pending = None
+        return self
+
     def __repr__(self):
         nets = [k for k in ("eval_text_enc", "indep_text_enc", "evaluator", "captioner") if getattr(self, k) is not None]
+        later = f"; pretraining in the background: {', '.join(self.pending[0].names)}" if self.pending else ""
         return (f"Assets(train={self.train!r}, test={len(self.test)} images, "
-                f"DAMSM + {', '.join(nets) or 'nothing else'})")
+                f"DAMSM + {', '.join(nets) or 'nothing else'}{later})")
 
 # %% ../nbs/07d_assets.ipynb
 def _datasets(cfg: TrainConfig):
@@ -131,6 +148,16 @@ def _synth_retrieval(cfg, train, device, data_key: str):
     t, i, report = load_retrieval(folder, train.n_words, device)
     return t, i, dict(pair=str(folder / "retrieval.pt"), real_rprec=report["real_rprec"])
 
+_EVAL_ONLY = ("eval_damsm", "evaluator", "retrieval")    # read by evaluation, never by a training step
+
+def _synth_eval_nets(cfg, train, device, data_key: str) -> tuple[dict, dict]:
+    "The networks only evaluation reads (held-out pair, evaluator, independent pair): Assets fields, info entries."
+    et, ei, edamsm = _synth_damsm(cfg, train, device, heldout=True, data_key=data_key)
+    ev, ev_info = _synth_evaluator(cfg, device, data_key)
+    it, ii, indep = _synth_retrieval(cfg, train, device, data_key)
+    return (dict(eval_text_enc=et, eval_img_enc=ei, evaluator=ev, indep_text_enc=it, indep_img_enc=ii),
+            dict(eval_damsm=edamsm, evaluator=ev_info, indep_pair=indep))
+
 def _captioner(cfg, train, device, data_key: str):
     "The re-captioning model F_C, pretrained on the dataset's real training images once, then read from the cache."
     from t2i_nb.captioner import CaptionerConfig, load_captioner, pretrain_captioner
@@ -151,18 +178,24 @@ def _split_builds(names) -> tuple[list, list]:
         k = cost.index(min(cost)); shares[k].append(n); cost[k] += _BUILD_COST[n]
     return shares
 
-def _build_synth(cfg, names, n_train: int, data_key: str, threads: int = 1):
-    "Pretrain the named SynthBirds networks into the cache on the CPU with `threads` threads (the helper's work)."
+def _build_synth(cfg, names, n_train: int, data_key: str, threads: int = 1, cpus=None):
+    "Pretrain the named SynthBirds networks into the cache on the CPU with `threads` threads (on `cpus`): a helper's work."
+    if cpus: pin_threads(cpus)
     torch.set_num_threads(threads)
     for n in names: _synth_asset(cfg, n, n_train, torch.device("cpu"), data_key)
 
-def _prebuild_in_parallel(cfg, n_train: int, device, data_key: str, workers: int | None = None) -> list[str]:
+def _missing(cfg, n_train: int, device, data_key: str) -> list[str]:
+    "The SynthBirds networks not in the cache yet."
+    cache = Path(cfg.data_dir) / "t2i_cache"
+    return [n for n, (kind, acfg, _) in _synth_recipes(cfg, n_train, device).items()
+            if not is_cached(cache, kind, acfg, data_key)]
+
+def _prebuild_in_parallel(cfg, n_train: int, device, data_key: str, workers: int | None = None,
+                          busy: float | None = None) -> list[str]:
     "Pretrain the missing SynthBirds networks two at a time (a helper process and this one); the helper's names."
     import multiprocessing as mp
-    cache = Path(cfg.data_dir) / "t2i_cache"
-    recipes = _synth_recipes(cfg, n_train, device)
-    missing = [n for n, (kind, acfg, _) in recipes.items() if not is_cached(cache, kind, acfg, data_key)]
-    if workers is None: workers = 2 if n_train >= 500 and free_cores() >= 2 else 1   # two cores free: see above
+    missing = _missing(cfg, n_train, device, data_key)
+    if workers is None: workers = 2 if n_train >= 500 and free_cores(busy) >= 2 else 1   # two cores free: see above
     if workers < 2 or len(missing) < 2 or device.type != "cpu": return []
     mine, theirs = _split_builds(missing)
     helper = mp.get_context("spawn").Process(target=_build_synth, args=(cfg, theirs, n_train, data_key))
@@ -176,33 +209,70 @@ def _prebuild_in_parallel(cfg, n_train: int, device, data_key: str, workers: int
 
 
 # %% ../nbs/07d_assets.ipynb
-def prepare_assets(cfg: TrainConfig, device=None, workers: int | None = None) -> Assets:
+class _Background:
+    "A spawned helper pretraining `names` on the last of `cpus`; this process's threads keep the others until it ends."
+    def __init__(self, cfg, names, n_train: int, data_key: str, cpus):
+        import multiprocessing as mp, threading
+        self.names, self.cpus = list(names), list(cpus)
+        self.proc = mp.get_context("spawn").Process(target=_build_synth,
+                                                    args=(cfg, self.names, n_train, data_key, 1, self.cpus[-1:]))
+        self.proc.start()
+        if torch.get_num_threads() < len(self.cpus): pin_threads(self.cpus[:-1])   # more threads: left unpinned
+        self._watch = threading.Thread(target=self._release, name="t2i-background-build", daemon=True)
+        self._watch.start()
+
+    def _release(self):
+        self.proc.join()
+        pin_threads(self.cpus)                                                       # every core again
+
+    def wait(self) -> int:
+        "Wait for the helper (and the cores it gives back); its exit code."
+        self._watch.join()
+        return self.proc.exitcode
+
+def _start_background(cfg, n_train: int, device, data_key: str, workers: int | None = None,
+                      busy: float | None = None) -> _Background | None:
+    ("On a busy CPU (or with `workers=2`), start pretraining the missing networks only evaluation reads in a "
+     "pinned helper process (see above); None when nothing is left to one.")
+    cpus = allowed_cpus()
+    if device.type != "cpu" or len(cpus) < 2: return None
+    if workers is None: workers = 2 if n_train >= 500 and free_cores(busy) < 2 else 1   # quiet: two at a time first
+    later = [n for n in _missing(cfg, n_train, device, data_key) if n in _EVAL_ONLY] if workers >= 2 else []
+    return _Background(cfg, later, n_train, data_key, cpus) if later else None
+
+# %% ../nbs/07d_assets.ipynb
+def prepare_assets(cfg: TrainConfig, device=None, workers: int | None = None, background: bool = False) -> Assets:
     ("Datasets and pretrained networks for `cfg`: built/pretrained once and cached (SynthBirds), or read (CUB/COCO); "
-     "`workers`: SynthBirds networks pretrained at once on a CPU (None: 2 when two cores are free, see above).")
+     "`workers`: SynthBirds networks pretrained at once on a CPU (None: 2 when it pays, see above); `background`: "
+     "on a busy CPU, return before the networks only evaluation reads are pretrained (`Assets.ready` waits for them).")
     device = get_device(device or cfg.device)
-    if device.type == "cpu": cpu_threads(cfg.threads)  # as training does: pretraining beside a busy process
+    busy = busy_cores() if device.type == "cpu" else None         # one reading of the machine for every choice here
+    if device.type == "cpu": cpu_threads(cfg.threads, busy)       # as training does: pretraining beside a busy process
     if cfg.dataset == "synth_birds": make_synth_birds(cfg.data_dir, cfg.n_train, cfg.n_test, img_size=cfg.img_size)
     train, test = _datasets(cfg)
     if cfg.check_data:
         for ds in (train, test): preflight(ds)
     fp = dataset_fingerprint(cfg.data_dir)
     need_cap = loss_of(cfg).lambda_cap > 0
+    nets, later, pending, inception = {}, {}, None, None
     if cfg.dataset == "synth_birds":
-        _prebuild_in_parallel(cfg, len(train), device, fp, workers)
+        helper = _start_background(cfg, len(train), device, fp, workers, busy) if background else None
+        if helper is None: _prebuild_in_parallel(cfg, len(train), device, fp, workers, busy)
         t, i, damsm = _synth_damsm(cfg, train, device, heldout=False, data_key=fp)
-        et, ei, edamsm = _synth_damsm(cfg, train, device, heldout=True, data_key=fp)
-        ev, ev_info = _synth_evaluator(cfg, device, fp)
-        it, ii, indep = _synth_retrieval(cfg, train, device, fp)
-        inception = None
+        load = lambda: _synth_eval_nets(cfg, train, device, fp)
+        if helper is None: nets, later = load()
+        else: pending = (helper, load)
     else:
         from t2i_nb.metrics import InceptionFeatures
         # fails fast when the file is missing
         inception = InceptionFeatures(cfg.inception_weights, mode=cfg.fid_mode, device=device)
         t, i, damsm = _damsm_pair(cfg.damsm_dir or Path(cfg.data_dir) / "DAMSMencoders", train.n_words, device)
-        et, ei, edamsm = (_damsm_pair(cfg.eval_damsm_dir, train.n_words, device) if cfg.eval_damsm_dir
-                          else (None, None, None))
-        ev, ev_info, it, ii, indep = None, None, None, None, None
+        if cfg.eval_damsm_dir:
+            et, ei, later["eval_damsm"] = _damsm_pair(cfg.eval_damsm_dir, train.n_words, device)
+            nets = dict(eval_text_enc=et, eval_img_enc=ei)
     cap, cap_info = _captioner(cfg, train, device, fp) if need_cap else (None, None)   # pretrained once, then cached
-    info = dict(data_dir=str(cfg.data_dir), data_fingerprint=fp, damsm=damsm, eval_damsm=edamsm, evaluator=ev_info,
-                captioner=cap_info, inception=inception.info() if inception else None, indep_pair=indep)
-    return Assets(train, test, t, i, et, ei, ev, cap, inception, info, it, ii)
+    info = dict(data_dir=str(cfg.data_dir), data_fingerprint=fp, damsm=damsm, eval_damsm=later.get("eval_damsm"),
+                evaluator=later.get("evaluator"), captioner=cap_info, inception=inception.info() if inception else None,
+                indep_pair=later.get("indep_pair"))
+    if pending: info["pending"] = pending[0].names
+    return Assets(train, test, t, i, captioner=cap, inception=inception, info=info, pending=pending, **nets)

@@ -15,7 +15,7 @@ import torch
 __all__ = ['get_device', 'seed_everything', 'rng_state', 'set_rng_state', 'UnknownNameError', 'Registry', 'atomic_write',
            'atomic_torch_save', 'atomic_write_json', 'to_dict', 'config_key', 'file_hash', 'NonFiniteLossError',
            'check_finite', 'nonfinite_tensors', 'resize', 'keep_freed_memory', 'busy_cores', 'free_cores',
-           'cpu_threads']
+           'cpu_threads', 'allowed_cpus', 'pin_threads']
 
 # %% ../nbs/00_core.ipynb
 def get_device(device: str | torch.device = "auto") -> torch.device:
@@ -201,3 +201,21 @@ def cpu_threads(threads: int | None = None, busy: float | None = None) -> int:
     if not isinstance(threads, int) or threads < 1: raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     if torch.get_num_threads() != threads: torch.set_num_threads(threads)
     return threads
+
+# %% ../nbs/00_core.ipynb
+def allowed_cpus() -> list[int]:
+    "The CPUs this process may run on (its affinity mask; every CPU where there is none), sorted."
+    if hasattr(os, "sched_getaffinity"): return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+def pin_threads(cpus) -> bool:
+    ("Put every thread of this process on `cpus` (Linux: `sched_setaffinity` for each thread; threads made later "
+     "inherit it); False where affinity cannot be set.")
+    if not hasattr(os, "sched_setaffinity"): return False
+    try: tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError: tids = [0]                                # this thread only
+    done = 0
+    for t in tids:
+        try: os.sched_setaffinity(t, set(cpus)); done += 1
+        except OSError: pass                                  # a thread that ended in the meantime
+    return done > 0

@@ -335,7 +335,8 @@ def train(cfg: TrainConfig, assets=None, callbacks=(), progress: bool = True) ->
         if info.main: _prepare_dir(cfg)
         barrier(info)
         seed_everything(cfg.seed)
-        assets = assets if assets is not None else _rank0_first(info, lambda: prepare_assets(cfg, device))
+        assets = assets if assets is not None else _rank0_first(          # evaluation networks beside training
+            info, lambda: prepare_assets(cfg, device, background=info.world == 1))
         if _steps_per_epoch(cfg, assets.train, info.world) < 1:
             raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(assets.train)} training images: "
                              f"an epoch would have no step")
@@ -348,11 +349,13 @@ def train(cfg: TrainConfig, assets=None, callbacks=(), progress: bool = True) ->
         if found: run.restore(found[0])
         if found and found[2]:
             run.changes.append(dict(step=run.step, changes={k: list(v) for k, v in found[2].items()}))
-        if info.main:
+        resumed = dict(path=str(found[1]), epoch=run.epoch, step=run.step) if found else None
+        def describe():                              # config.json: the run's settings and the networks it used
             atomic_write_json(dict(config=to_dict(cfg), loss=to_dict(lcfg), assets=assets.info, world_size=info.world,
-                                   resumed_from=(dict(path=str(found[1]), epoch=run.epoch, step=run.step)
-                                                 if found else None),
-                                   changes=run.changes), cfg.run_dir / "config.json")
+                                   resumed_from=resumed, changes=run.changes), cfg.run_dir / "config.json")
+            return dict(assets.info)
+        if info.main:
+            described = describe()
             if run.epoch < cfg.epochs: _invalidate_derived(run)
             run.log.resume_at(run.step)
         cbs = [Sampler(), Evaluator(), LossPlot(), *([TensorBoard()] if cfg.tensorboard and info.main else []),
@@ -367,6 +370,8 @@ def train(cfg: TrainConfig, assets=None, callbacks=(), progress: bool = True) ->
                                      f"checkpoint: {last[1] if last else 'none'} "
                                      f"(resume=True restarts from it)") from None
         finally: bar.close()
+        assets.ready()                               # nothing is left pretraining in the background
+        if info.main and assets.info != described: describe()   # with the evaluation networks' paths
         for cb in cbs: cb.after_fit(run)
         barrier(info)
     return cfg.run_dir

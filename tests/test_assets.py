@@ -57,8 +57,10 @@ def test_prepare_assets_sets_the_threads_training_would_beside_a_busy_machine(tm
                       device="cpu", check_data=False)
     seen, orig = [], torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(core, "busy_cores", lambda interval=0.25: float(os.cpu_count() or 1) + 1.0)   # every core taken
-    import t2i_nb.damsm as damsm_mod
+    every_core = lambda interval=0.25: float(os.cpu_count() or 1) + 1.0                             # every core taken
+    monkeypatch.setattr(core, "busy_cores", every_core)
+    import t2i_nb.assets as assets_mod, t2i_nb.damsm as damsm_mod
+    monkeypatch.setattr(assets_mod, "busy_cores", every_core)
     real = damsm_mod.pretrain_damsm
     monkeypatch.setattr(damsm_mod, "pretrain_damsm", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
     try:
@@ -69,3 +71,61 @@ def test_prepare_assets_sets_the_threads_training_would_beside_a_busy_machine(tm
         prepare_assets(make_config(**{**cfg.__dict__, "threads": 2}), "cpu")   # an explicit count wins (all cached now)
         assert torch.get_num_threads() == 2
     finally: torch.set_num_threads(orig)
+
+
+def _cpus_or_skip():
+    from t2i_nb.core import allowed_cpus
+    cpus = allowed_cpus()
+    if len(cpus) < 2: pytest.skip("a helper pinned to its own core needs two CPUs")
+    return cpus
+
+
+def test_busy_machine_pretrains_the_evaluation_networks_in_a_pinned_helper(tmp_path, monkeypatch):
+    "background=True returns with the training pair; the helper holds one core, this process the others, until ready()."
+    import t2i_nb.damsm as damsm_mod, t2i_nb.evaluator as evaluator_mod, t2i_nb.retrieval as retrieval_mod
+    from t2i_nb.assets import _synth_asset, prepare_assets
+    from t2i_nb.synthbirds import make_synth_birds
+    cpus = _cpus_or_skip()
+    cfg = make_config(data_dir=str(tmp_path / "sb"), n_train=24, n_test=8, batch_size=8, pretrain_epochs=1,
+                      device="cpu", check_data=False, threads=1)
+    make_synth_birds(cfg.data_dir, cfg.n_train, cfg.n_test, img_size=cfg.img_size, progress=False)
+    _synth_asset(cfg, "damsm", cfg.n_train, torch.device("cpu"), dataset_fingerprint(cfg.data_dir))   # training pair first
+    a = prepare_assets(cfg, "cpu", workers=2, background=True)
+    helper = a.pending[0]
+    alive = helper.proc.is_alive()                    # spawning and importing torch alone take seconds
+    mine = os.sched_getaffinity(0)
+    assert a.info["pending"] == ["eval_damsm", "evaluator", "retrieval"] and "in the background" in repr(a)
+    assert a.evaluator is None and a.eval_text_enc is None and a.indep_text_enc is None and a.info["evaluator"] is None
+    assert a.text_enc is not None and a.info["damsm"]
+    assert mine == set(cpus[:-1]) or not alive        # pinned away from the helper's core while it runs
+    assert a.ready() is a and a.pending is None and helper.proc.exitcode == 0
+    assert os.sched_getaffinity(0) == set(cpus)       # every core back
+    assert a.evaluator is not None and a.eval_text_enc is not None and a.indep_text_enc is not None
+    assert "pending" not in a.info and a.info["evaluator"]["weights"] and a.info["indep_pair"]["pair"]
+    for mod, fn in ((damsm_mod, "pretrain_damsm"), (evaluator_mod, "train_evaluator"), (retrieval_mod, "train_retrieval")):
+        monkeypatch.setattr(mod, fn, lambda *a, **k: pytest.fail("a network the helper built was pretrained again"))
+    b = prepare_assets(cfg, "cpu")                    # the foreground build reads what the helper wrote
+    assert b.info == a.info and b.pending is None
+    for x, y in ((a.evaluator, b.evaluator), (a.eval_img_enc, b.eval_img_enc), (a.indep_text_enc, b.indep_text_enc)):
+        assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
+
+
+def test_train_waits_for_the_background_networks_and_describes_them(tmp_path, monkeypatch):
+    "A run whose evaluation networks were pretrained beside training evaluates with them and names them in config.json."
+    import json
+    import t2i_nb.assets as assets_mod
+    from t2i_nb.train import train
+    from conftest import tiny_run_settings
+    cpus = _cpus_or_skip()
+    real, started = assets_mod._start_background, []
+    def forced(cfg, n, device, fp, workers=None, busy=None):   # as on a busy machine (tiny builds stay in-process)
+        started.append(real(cfg, n, device, fp, 2, busy)); return started[-1]
+    monkeypatch.setattr(assets_mod, "_start_background", forced)
+    run_dir = train(make_config(**tiny_run_settings(tmp_path, n_eval=16, threads=1)), progress=False)
+    assert started and started[0] is not None and started[0].proc.exitcode == 0
+    described = json.loads((run_dir / "config.json").read_text())["assets"]
+    assert "pending" not in described and described["evaluator"]["weights"] and described["indep_pair"]["pair"]
+    assert described["eval_damsm"]["text"] != described["damsm"]["text"]
+    names = {r["metric"] for r in json.loads((run_dir / "metrics.json").read_text())}
+    assert {"semantic_acc_sb", "rprec_100_heldout", "rprec_100_indep"} <= names
+    assert os.sched_getaffinity(0) == set(cpus)
