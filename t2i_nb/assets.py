@@ -4,7 +4,7 @@
 
 # %% ../nbs/07d_assets.ipynb 1
 from __future__ import annotations
-import warnings
+import os, warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -63,10 +63,10 @@ class Assets:
          "them (building here whatever the helper did not); returns self. `evaluate` calls it.")
         if self.pending is None: return self
         helper, load = self.pending
+        nets, info = load()          # builds here what the helper has not begun; waits for what it is building
         code = helper.wait()
         if code: warnings.warn(f"the background pretraining of {', '.join(helper.names)} exited with code {code}: "
-                               f"what it left is built in this process")
-        nets, info = load()
+                               f"this process built what it left")
         for k, v in nets.items(): setattr(self, k, v)
         self.info.update(info); self.info.pop("pending", None)
         self.pending = None
@@ -74,7 +74,7 @@ class Assets:
 
     def __repr__(self):
         nets = [k for k in ("eval_text_enc", "indep_text_enc", "evaluator", "captioner") if getattr(self, k) is not None]
-        later = f"; pretraining in the background: {', '.join(self.pending[0].names)}" if self.pending else ""
+        later = f"; pretraining in the background: {', '.join(sorted(self.pending[0].names))}" if self.pending else ""
         return (f"Assets(train={self.train!r}, test={len(self.test)} images, "
                 f"DAMSM + {', '.join(nets) or 'nothing else'}{later})")
 
@@ -178,9 +178,11 @@ def _split_builds(names) -> tuple[list, list]:
         k = cost.index(min(cost)); shares[k].append(n); cost[k] += _BUILD_COST[n]
     return shares
 
-def _build_synth(cfg, names, n_train: int, data_key: str, threads: int = 1, cpus=None):
-    "Pretrain the named SynthBirds networks into the cache on the CPU with `threads` threads (on `cpus`): a helper's work."
+def _build_synth(cfg, names, n_train: int, data_key: str, threads: int = 1, cpus=None, nice: int = 0):
+    ("Pretrain the named SynthBirds networks into the cache on the CPU with `threads` threads (on `cpus`, at "
+     "niceness `nice`): a helper's work.")
     if cpus: pin_threads(cpus)
+    if nice: os.nice(nice)
     torch.set_num_threads(threads)
     for n in names: _synth_asset(cfg, n, n_train, torch.device("cpu"), data_key)
 
@@ -210,12 +212,13 @@ def _prebuild_in_parallel(cfg, n_train: int, device, data_key: str, workers: int
 
 # %% ../nbs/07d_assets.ipynb
 class _Background:
-    "A spawned helper pretraining `names` on the last of `cpus`; this process's threads keep the others until it ends."
-    def __init__(self, cfg, names, n_train: int, data_key: str, cpus):
+    ("A spawned helper pretraining `names` (last first) on the last of `cpus` at niceness `nice`; this process's "
+     "threads keep the others until it ends.")
+    def __init__(self, cfg, names, n_train: int, data_key: str, cpus, nice: int = 10):
         import multiprocessing as mp, threading
         self.names, self.cpus = list(names), list(cpus)
-        self.proc = mp.get_context("spawn").Process(target=_build_synth,
-                                                    args=(cfg, self.names, n_train, data_key, 1, self.cpus[-1:]))
+        self.proc = mp.get_context("spawn").Process(target=_build_synth, args=(cfg, self.names[::-1], n_train, data_key, 1,
+                                                                               self.cpus[-1:], nice))
         self.proc.start()
         if torch.get_num_threads() < len(self.cpus): pin_threads(self.cpus[:-1])   # more threads: left unpinned
         self._watch = threading.Thread(target=self._release, name="t2i-background-build", daemon=True)

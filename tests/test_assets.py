@@ -129,3 +129,30 @@ def test_train_waits_for_the_background_networks_and_describes_them(tmp_path, mo
     names = {r["metric"] for r in json.loads((run_dir / "metrics.json").read_text())}
     assert {"semantic_acc_sb", "rprec_100_heldout", "rprec_100_indep"} <= names
     assert os.sched_getaffinity(0) == set(cpus)
+
+
+def test_the_helper_pins_itself_and_yields_to_other_processes(tmp_path):
+    "The background helper runs on its own core at niceness 10: training, on the other core, keeps the larger share."
+    import subprocess, sys
+    cpus = _cpus_or_skip()
+    code = ("import os, sys; from t2i_nb.assets import _build_synth; "
+            f"_build_synth(None, [], 0, 'k', 1, [{cpus[-1]}], 10); print(sorted(os.sched_getaffinity(0)), os.nice(0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True).stdout
+    assert out.split("\n")[0] == f"[{cpus[-1]}] {os.nice(0) + 10}"
+
+
+def test_ready_builds_what_the_helper_left(tmp_path, monkeypatch):
+    "A helper that died before building anything: ready() builds the networks here, warns, and loads them."
+    import t2i_nb.assets as assets_mod
+    from t2i_nb.assets import prepare_assets
+    _cpus_or_skip()
+    class Died:                                        # stands in for the helper process: exit code 1, nothing built
+        def __init__(self, cfg, names, n_train, data_key, cpus): self.names = list(names)
+        def wait(self): return 1
+    monkeypatch.setattr(assets_mod, "_Background", Died)
+    cfg = make_config(data_dir=str(tmp_path / "sb"), n_train=24, n_test=8, batch_size=8, pretrain_epochs=1,
+                      device="cpu", check_data=False, threads=1)
+    a = prepare_assets(cfg, "cpu", workers=2, background=True)
+    assert isinstance(a.pending[0], Died) and a.evaluator is None
+    with pytest.warns(UserWarning, match="exited with code 1: this process built what it left"): a.ready()
+    assert a.evaluator is not None and a.eval_text_enc is not None and a.indep_text_enc is not None

@@ -1,0 +1,68 @@
+"""How two one-thread processes share a 2-core machine with a busy one: pinned or not, the helper niced or not.
+
+`prepare_assets(background=True)` (`07d_assets`) runs, on a busy CPU, a helper process beside training. Training is
+the job's critical path, so what matters is its share of a core, and how much the helper still gets. Each cell
+starts one single-threaded busy process (a pure Python loop), then two fresh one-thread processes timing the same
+small conv forward/backward for `--seconds`: the "trainer" (niceness 0) and the "helper" (niceness as in the row),
+either left to Linux or pinned to the first and last allowed CPU. Shares are iterations per second relative to one
+process alone on the quiet machine (measured first). Rows alternate `--rounds` times; medians are printed.
+
+    python benchmarks/bench_share.py                   # 2 rounds of 20 s per row, about 4 minutes
+"""
+from __future__ import annotations
+import argparse, os, statistics, subprocess, sys, time
+
+CHILD = r"""
+import os, sys, time, torch
+torch.set_num_threads(1)
+cpu, nice, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+if cpu >= 0: os.sched_setaffinity(0, {cpu})
+if nice: os.nice(nice)
+m = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1))
+x = torch.randn(8, 32, 64, 64)
+for _ in range(3): m(x).sum().backward()
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < seconds: m(x).sum().backward(); n += 1
+print(n / (time.perf_counter() - t0))
+"""
+
+ROWS = {"left to Linux, helper nice 0": (False, 0), "pinned, helper nice 0": (True, 0),
+        "left to Linux, helper nice 10": (False, 10), "pinned, helper nice 5": (True, 5),
+        "pinned, helper nice 10 (prepare_assets)": (True, 10)}
+
+
+def start(cpu: int, nice: int, seconds: float) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(cpu), str(nice), str(seconds)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--rounds", type=int, default=2)
+    a = p.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2: sys.exit("needs two CPUs")
+    alone = float(start(-1, 0, a.seconds).communicate()[0])
+    print(f"one process alone, quiet: {alone:.2f} it/s")
+    res = {k: [] for k in ROWS}
+    for r in range(a.rounds):
+        for name, (pinned, nice) in ROWS.items():
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            time.sleep(1)
+            procs = [start(cpus[0] if pinned else -1, 0, a.seconds), start(cpus[-1] if pinned else -1, nice, a.seconds)]
+            rates = [float(q.communicate()[0]) / alone for q in procs]
+            busy.kill(); busy.wait()
+            res[name].append(rates)
+            print(f"round {r + 1}  {name:42s} trainer {rates[0]:.2f}  helper {rates[1]:.2f}", flush=True)
+    print(f"\nTwo one-thread processes beside one busy process, {len(cpus)} CPUs; share of a quiet core, "
+          f"median of {a.rounds} x {a.seconds:.0f} s\n")
+    print("| trainer / helper | trainer | helper | both |\n|---|---|---|---|")
+    for name, rr in res.items():
+        t, h = statistics.median(x[0] for x in rr), statistics.median(x[1] for x in rr)
+        print(f"| {name} | {t:.2f} | {h:.2f} | {t + h:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
