@@ -4,10 +4,10 @@
 the job's critical path, so what matters is its share of a core, and how much the helper still gets. Each cell
 starts one single-threaded busy process (a pure Python loop), then two fresh one-thread processes timing the same
 small conv forward/backward for `--seconds`: the "trainer" (niceness 0) and the "helper" (niceness as in the row),
-either left to Linux or pinned to the first and last allowed CPU. Shares are iterations per second relative to one
+each left to Linux or pinned (the trainer to the first allowed CPU, the helper to the last). Shares are iterations per second relative to one
 process alone on the quiet machine (measured first). Rows alternate `--rounds` times; medians are printed.
 
-    python benchmarks/bench_share.py                   # 2 rounds of 20 s per row, about 4 minutes
+    python benchmarks/bench_share.py                   # 2 rounds of 20 s per row, about 5 minutes
 """
 from __future__ import annotations
 import argparse, os, statistics, subprocess, sys, time
@@ -26,9 +26,10 @@ while time.perf_counter() - t0 < seconds: m(x).sum().backward(); n += 1
 print(n / (time.perf_counter() - t0))
 """
 
-ROWS = {"left to Linux, helper nice 0": (False, 0), "pinned, helper nice 0": (True, 0),
-        "left to Linux, helper nice 10": (False, 10), "pinned, helper nice 5": (True, 5),
-        "pinned, helper nice 10 (prepare_assets)": (True, 10)}
+# row: (trainer pinned to the first CPU, helper pinned to the last, helper's niceness)
+ROWS = {"both left to Linux, nice 0": (False, False, 0), "both pinned, nice 0": (True, True, 0),
+        "both pinned, nice 5": (True, True, 5), "both pinned, nice 10": (True, True, 10),
+        "helper pinned, nice 5": (False, True, 5), "helper pinned, nice 10": (False, True, 10)}
 
 
 def start(cpu: int, nice: int, seconds: float) -> subprocess.Popen:
@@ -48,14 +49,15 @@ def main():
     print(f"one process alone, quiet: {alone:.2f} it/s")
     res = {k: [] for k in ROWS}
     for r in range(a.rounds):
-        for name, (pinned, nice) in ROWS.items():
+        for name, (pin_trainer, pin_helper, nice) in ROWS.items():
             busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
             time.sleep(1)
-            procs = [start(cpus[0] if pinned else -1, 0, a.seconds), start(cpus[-1] if pinned else -1, nice, a.seconds)]
+            procs = [start(cpus[0] if pin_trainer else -1, 0, a.seconds),
+                     start(cpus[-1] if pin_helper else -1, nice, a.seconds)]
             rates = [float(q.communicate()[0]) / alone for q in procs]
             busy.kill(); busy.wait()
             res[name].append(rates)
-            print(f"round {r + 1}  {name:42s} trainer {rates[0]:.2f}  helper {rates[1]:.2f}", flush=True)
+            print(f"round {r + 1}  {name:28s} trainer {rates[0]:.2f}  helper {rates[1]:.2f}", flush=True)
     print(f"\nTwo one-thread processes beside one busy process, {len(cpus)} CPUs; share of a quiet core, "
           f"median of {a.rounds} x {a.seconds:.0f} s\n")
     print("| trainer / helper | trainer | helper | both |\n|---|---|---|---|")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07d_assets.ipynb 1
 from __future__ import annotations
-import os, warnings
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -178,11 +178,9 @@ def _split_builds(names) -> tuple[list, list]:
         k = cost.index(min(cost)); shares[k].append(n); cost[k] += _BUILD_COST[n]
     return shares
 
-def _build_synth(cfg, names, n_train: int, data_key: str, threads: int = 1, cpus=None, nice: int = 0):
-    ("Pretrain the named SynthBirds networks into the cache on the CPU with `threads` threads (on `cpus`, at "
-     "niceness `nice`): a helper's work.")
+def _build_synth(cfg, names, n_train: int, data_key: str, threads: int = 1, cpus=None):
+    "Pretrain the named SynthBirds networks into the cache on the CPU with `threads` threads (on `cpus`): a helper's work."
     if cpus: pin_threads(cpus)
-    if nice: os.nice(nice)
     torch.set_num_threads(threads)
     for n in names: _synth_asset(cfg, n, n_train, torch.device("cpu"), data_key)
 
@@ -212,13 +210,12 @@ def _prebuild_in_parallel(cfg, n_train: int, device, data_key: str, workers: int
 
 # %% ../nbs/07d_assets.ipynb
 class _Background:
-    ("A spawned helper pretraining `names` (last first) on the last of `cpus` at niceness `nice`; this process's "
-     "threads keep the others until it ends.")
-    def __init__(self, cfg, names, n_train: int, data_key: str, cpus, nice: int = 10):
+    "A spawned helper pretraining `names` (last first) on the last of `cpus`; this process's threads keep the others until it ends."
+    def __init__(self, cfg, names, n_train: int, data_key: str, cpus):
         import multiprocessing as mp, threading
         self.names, self.cpus = list(names), list(cpus)
-        self.proc = mp.get_context("spawn").Process(target=_build_synth, args=(cfg, self.names[::-1], n_train, data_key, 1,
-                                                                               self.cpus[-1:], nice))
+        self.proc = mp.get_context("spawn").Process(target=_build_synth,
+                                                    args=(cfg, self.names[::-1], n_train, data_key, 1, self.cpus[-1:]))
         self.proc.start()
         if torch.get_num_threads() < len(self.cpus): pin_threads(self.cpus[:-1])   # more threads: left unpinned
         self._watch = threading.Thread(target=self._release, name="t2i-background-build", daemon=True)
