@@ -188,7 +188,7 @@ def busy_cores(interval: float = 0.25) -> float:
 
 def free_cores(busy: float | None = None) -> int:
     "Cores this process may use minus those other processes keep busy (`busy`: `busy_cores()`), at least 1."
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(allowed_cpus())
     others = busy_cores() if busy is None else busy
     return max(1, min(cores, cores - math.floor(others + 0.5)))
 
