@@ -14,8 +14,8 @@ import torch
 # %% auto 0
 __all__ = ['get_device', 'seed_everything', 'rng_state', 'set_rng_state', 'UnknownNameError', 'Registry', 'atomic_write',
            'atomic_torch_save', 'atomic_write_json', 'to_dict', 'config_key', 'file_hash', 'NonFiniteLossError',
-           'check_finite', 'nonfinite_tensors', 'resize', 'keep_freed_memory', 'busy_cores', 'free_cores',
-           'cpu_threads', 'allowed_cpus', 'pin_threads']
+           'check_finite', 'nonfinite_tensors', 'resize', 'keep_freed_memory', 'allowed_cpus', 'busy_cores',
+           'free_cores', 'cpu_threads', 'pin_threads']
 
 # %% ../nbs/00_core.ipynb
 def get_device(device: str | torch.device = "auto") -> torch.device:
@@ -173,6 +173,11 @@ def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
     return ok and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
 
 # %% ../nbs/00_core.ipynb
+def allowed_cpus() -> list[int]:
+    "The CPUs this process may run on (its affinity mask; every CPU where there is none), sorted."
+    if hasattr(os, "sched_getaffinity"): return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
 def busy_cores(interval: float = 0.25) -> float:
     ("Cores kept busy by every process right now: (1 - idle share) x cores over `interval` seconds of "
      "`/proc/stat` (Linux); elsewhere the 1-minute load average; 0 when neither is available.")
@@ -203,11 +208,6 @@ def cpu_threads(threads: int | None = None, busy: float | None = None) -> int:
     return threads
 
 # %% ../nbs/00_core.ipynb
-def allowed_cpus() -> list[int]:
-    "The CPUs this process may run on (its affinity mask; every CPU where there is none), sorted."
-    if hasattr(os, "sched_getaffinity"): return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
-
 def pin_threads(cpus) -> bool:
     ("Put every thread of this process on `cpus` (Linux: `sched_setaffinity` for each thread; threads made later "
      "inherit it); False where affinity cannot be set.")
