@@ -254,13 +254,13 @@ def prepare_assets(cfg: TrainConfig, device=None, workers: int | None = None, ba
         for ds in (train, test): preflight(ds)
     fp = dataset_fingerprint(cfg.data_dir)
     need_cap = loss_of(cfg).lambda_cap > 0
-    nets, later, pending, inception = {}, {}, None, None
+    nets, eval_info, pending, inception = {}, {}, None, None
     if cfg.dataset == "synth_birds":
         helper = _start_background(cfg, len(train), device, fp, workers, busy) if background else None
         if helper is None: _prebuild_in_parallel(cfg, len(train), device, fp, workers, busy)
         t, i, damsm = _synth_damsm(cfg, train, device, heldout=False, data_key=fp)
         load = lambda: _synth_eval_nets(cfg, train, device, fp)
-        if helper is None: nets, later = load()
+        if helper is None: nets, eval_info = load()
         else: pending = (helper, load)
     else:
         from t2i_nb.metrics import InceptionFeatures
@@ -268,11 +268,11 @@ def prepare_assets(cfg: TrainConfig, device=None, workers: int | None = None, ba
         inception = InceptionFeatures(cfg.inception_weights, mode=cfg.fid_mode, device=device)
         t, i, damsm = _damsm_pair(cfg.damsm_dir or Path(cfg.data_dir) / "DAMSMencoders", train.n_words, device)
         if cfg.eval_damsm_dir:
-            et, ei, later["eval_damsm"] = _damsm_pair(cfg.eval_damsm_dir, train.n_words, device)
+            et, ei, eval_info["eval_damsm"] = _damsm_pair(cfg.eval_damsm_dir, train.n_words, device)
             nets = dict(eval_text_enc=et, eval_img_enc=ei)
     cap, cap_info = _captioner(cfg, train, device, fp) if need_cap else (None, None)   # pretrained once, then cached
-    info = dict(data_dir=str(cfg.data_dir), data_fingerprint=fp, damsm=damsm, eval_damsm=later.get("eval_damsm"),
-                evaluator=later.get("evaluator"), captioner=cap_info, inception=inception.info() if inception else None,
-                indep_pair=later.get("indep_pair"))
+    info = dict(data_dir=str(cfg.data_dir), data_fingerprint=fp, damsm=damsm, eval_damsm=eval_info.get("eval_damsm"),
+                evaluator=eval_info.get("evaluator"), captioner=cap_info, inception=inception.info() if inception else None,
+                indep_pair=eval_info.get("indep_pair"))
     if pending: info["pending"] = pending[0].names
     return Assets(train, test, t, i, captioner=cap, inception=inception, info=info, pending=pending, **nets)
