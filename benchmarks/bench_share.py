@@ -7,7 +7,13 @@ small conv forward/backward for `--seconds`: the "trainer" (niceness 0) and the 
 each left to Linux or pinned (the trainer to the first allowed CPU, the helper to the last). Shares are iterations per second relative to one
 process alone on the quiet machine (measured first). Rows alternate `--rounds` times; medians are printed.
 
+The second table (`--assets EPOCHS`) is what this means for `prepare_assets` when nothing may be left running
+(`background=False`: `evaluate_run`, `reproduce`): the four SynthBirds networks of the main job, pretrained for
+EPOCHS epochs each on a fresh copy of one SynthBirds build, one after another (`workers=1`: one thread beside the
+busy process) or as a pinned pair (`workers=2`), beside one busy process and, for reference, on the quiet machine.
+
     python benchmarks/bench_share.py                   # 2 rounds of 20 s per row, about 5 minutes
+    python benchmarks/bench_share.py --assets 3 --rounds 0    # only the asset builds, 3 epochs each
 """
 from __future__ import annotations
 import argparse, os, statistics, subprocess, sys, time
@@ -26,6 +32,19 @@ while time.perf_counter() - t0 < seconds: m(x).sum().backward(); n += 1
 print(n / (time.perf_counter() - t0))
 """
 
+ASSETS = r"""
+import shutil, sys, tempfile, time
+from t2i_nb.assets import prepare_assets
+from t2i_nb.config import make_config
+from t2i_nb.core import keep_freed_memory
+keep_freed_memory()
+src, workers, epochs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with tempfile.TemporaryDirectory() as d:
+    shutil.copytree(src, d + "/sb", ignore=shutil.ignore_patterns("t2i_cache"))
+    cfg = make_config(data_dir=d + "/sb", pretrain_epochs=epochs, device="cpu")
+    t = time.perf_counter(); prepare_assets(cfg, "cpu", workers=workers); print(time.perf_counter() - t)
+"""
+
 # row: (trainer pinned to the first CPU, helper pinned to the last, helper's niceness)
 ROWS = {"both left to Linux, nice 0": (False, False, 0), "both pinned, nice 0": (True, True, 0),
         "both pinned, nice 5": (True, True, 5), "both pinned, nice 10": (True, True, 10),
@@ -38,13 +57,38 @@ def start(cpu: int, nice: int, seconds: float) -> subprocess.Popen:
                             stdout=subprocess.PIPE, text=True)
 
 
+def assets_table(epochs: int):
+    "Seconds of prepare_assets (four networks, `epochs` each): in sequence or as a pinned pair, busy and quiet."
+    import tempfile
+    from t2i_nb.synthbirds import make_synth_birds
+    with tempfile.TemporaryDirectory() as d:
+        make_synth_birds(d + "/sb", progress=False)
+        res = {}
+        for cond, workers in (("busy", 1), ("busy", 2), ("quiet", 1), ("quiet", 2)):
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if cond == "busy" else None
+            time.sleep(1 if busy else 0)
+            out = subprocess.run([sys.executable, "-c", ASSETS, d + "/sb", str(workers), str(epochs)],
+                                 capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            if busy: busy.kill(); busy.wait()
+            if out.returncode: sys.exit(out.stderr[-2000:])
+            res[cond, workers] = float(out.stdout.strip().splitlines()[-1])
+            print(f"{cond:5s} {'pinned pair' if workers == 2 else 'in sequence'}: {res[cond, workers]:.0f} s", flush=True)
+    print(f"\nprepare_assets, the main job's four SynthBirds networks at {epochs} epochs each (seconds)\n")
+    print("| builds | quiet | beside one busy process | busy / quiet |\n|---|---|---|---|")
+    for w, name in ((1, "in sequence (one thread when busy, the free cores when quiet)"), (2, "pinned pair (two one-thread processes)")):
+        print(f"| {name} | {res['quiet', w]:.0f} | {res['busy', w]:.0f} | {res['busy', w] / res['quiet', w]:.2f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--assets", type=int, default=0, help="also time prepare_assets with this many epochs per network")
     a = p.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2: sys.exit("needs two CPUs")
+    if a.assets: assets_table(a.assets)
+    if not a.rounds: return
     alone = float(start(-1, 0, a.seconds).communicate()[0])
     print(f"one process alone, quiet: {alone:.2f} it/s")
     res = {k: [] for k in ROWS}

@@ -190,21 +190,19 @@ def _missing(cfg, n_train: int, device, data_key: str) -> list[str]:
     return [n for n, (kind, acfg, _) in _synth_recipes(cfg, n_train, device).items()
             if not is_cached(cache, kind, acfg, data_key)]
 
-def _prebuild_in_parallel(cfg, n_train: int, device, data_key: str, workers: int | None = None,
-                          busy: float | None = None) -> list[str]:
-    "Pretrain the missing SynthBirds networks two at a time (a helper process and this one); the helper's names."
+def _build_pair(cfg, names, n_train: int, data_key: str, cpus) -> list[str]:
+    ("Pretrain `names` two at a time: a spawned one-thread helper pinned to the last of `cpus` takes one share, this "
+     "process (one thread, pinned to the others until both are done) the other; the helper's names.")
     import multiprocessing as mp
-    missing = _missing(cfg, n_train, device, data_key)
-    if workers is None: workers = 2 if n_train >= 500 and free_cores(busy) >= 2 else 1   # two cores free: see above
-    if workers < 2 or len(missing) < 2 or device.type != "cpu": return []
-    mine, theirs = _split_builds(missing)
-    helper = mp.get_context("spawn").Process(target=_build_synth, args=(cfg, theirs, n_train, data_key))
+    mine, theirs = _split_builds(names)
+    helper = mp.get_context("spawn").Process(target=_build_synth, args=(cfg, theirs, n_train, data_key, 1, cpus[-1:]))
     helper.start()
     before = torch.get_num_threads()
-    try: _build_synth(cfg, mine, n_train, data_key)
+    try: _build_synth(cfg, mine, n_train, data_key, 1, cpus[:-1])
     finally:
         torch.set_num_threads(before)
         helper.join()
+        pin_threads(cpus)                                     # every core again
     return theirs
 
 
@@ -230,15 +228,18 @@ class _Background:
         self._watch.join()
         return self.proc.exitcode
 
-def _start_background(cfg, n_train: int, device, data_key: str, workers: int | None = None,
-                      busy: float | None = None) -> _Background | None:
-    ("On a busy CPU (or with `workers=2`), start pretraining the missing networks only evaluation reads in a "
-     "pinned helper process (see above); None when nothing is left to one.")
-    cpus = allowed_cpus()
-    if device.type != "cpu" or len(cpus) < 2: return None
-    if workers is None: workers = 2 if n_train >= 500 and free_cores(busy) < 2 else 1   # quiet: two at a time first
-    later = [n for n in _missing(cfg, n_train, device, data_key) if n in _EVAL_ONLY] if workers >= 2 else []
-    return _Background(cfg, later, n_train, data_key, cpus) if later else None
+def _plan_builds(cfg, n_train: int, device, data_key: str, workers: int | None = None, busy: float | None = None,
+                 background: bool = False, cpus=None) -> tuple[str, list[str]]:
+    ("How to pretrain the SynthBirds networks the cache lacks (see above): `('background', the evaluation-only ones)` "
+     "in a pinned helper beside training (a busy CPU, or `workers=2`, when `background`); `('pair', all)` two pinned "
+     "one-thread builders now; `('sequence', all)` here, one after another.")
+    missing = _missing(cfg, n_train, device, data_key)
+    cpus = list(allowed_cpus() if cpus is None else cpus) if device.type == "cpu" else []
+    forced, workers = workers is not None, (2 if n_train >= 500 else 1) if workers is None else workers
+    if workers < 2 or len(cpus) < 2 or len(missing) < 1: return "sequence", missing
+    later = [n for n in missing if n in _EVAL_ONLY]
+    if background and later and (forced or free_cores(busy) < 2): return "background", later
+    return ("pair" if len(missing) >= 2 else "sequence"), missing
 
 # %% ../nbs/07d_assets.ipynb
 def prepare_assets(cfg: TrainConfig, device=None, workers: int | None = None, background: bool = False) -> Assets:
@@ -256,8 +257,9 @@ def prepare_assets(cfg: TrainConfig, device=None, workers: int | None = None, ba
     need_cap = loss_of(cfg).lambda_cap > 0
     nets, eval_info, pending, inception = {}, {}, None, None
     if cfg.dataset == "synth_birds":
-        helper = _start_background(cfg, len(train), device, fp, workers, busy) if background else None
-        if helper is None: _prebuild_in_parallel(cfg, len(train), device, fp, workers, busy)
+        plan, names = _plan_builds(cfg, len(train), device, fp, workers, busy, background)
+        helper = _Background(cfg, names, len(train), fp, allowed_cpus()) if plan == "background" else None
+        if plan == "pair": _build_pair(cfg, names, len(train), fp, allowed_cpus())
         t, i, damsm = _synth_damsm(cfg, train, device, heldout=False, data_key=fp)
         load = lambda: _synth_eval_nets(cfg, train, device, fp)
         if helper is None: nets, eval_info = load()

@@ -26,25 +26,39 @@ def test_cub_captioner_is_pretrained_once_then_read_from_the_cache(tmp_path, mon
     assert path2 == path and torch.equal(next(again.parameters()), next(cap.parameters()))
 
 
+def _cpus_or_skip():
+    from t2i_nb.core import allowed_cpus
+    cpus = allowed_cpus()
+    if len(cpus) < 2: pytest.skip("a helper pinned to its own core needs two CPUs")
+    return cpus
+
+
 def test_synthbirds_networks_are_pretrained_two_at_a_time_then_only_read(tmp_path, monkeypatch):
-    from t2i_nb.assets import _prebuild_in_parallel, _synth_recipes, prepare_assets
+    "Two pinned one-thread builders share the networks by cost; every core is given back; later builds only read."
+    from t2i_nb.assets import _build_pair, _plan_builds, _synth_recipes, prepare_assets
     from t2i_nb.cache import is_cached
     from t2i_nb.synthbirds import make_synth_birds
     import t2i_nb.damsm as damsm_mod, t2i_nb.evaluator as evaluator_mod, t2i_nb.retrieval as retrieval_mod
+    cpus = _cpus_or_skip()
     cfg = make_config(data_dir=str(tmp_path / "sb"), n_train=24, n_test=8, batch_size=8, pretrain_epochs=1,
                       device="cpu", check_data=False)
     make_synth_birds(cfg.data_dir, cfg.n_train, cfg.n_test, img_size=cfg.img_size, progress=False)
-    fp = dataset_fingerprint(cfg.data_dir)
+    fp, cpu = dataset_fingerprint(cfg.data_dir), torch.device("cpu")
     recipes = _synth_recipes(cfg, cfg.n_train, "cpu")
     cached = lambda: {n: is_cached(tmp_path / "sb" / "t2i_cache", k, c, fp) for n, (k, c, _) in recipes.items()}
     assert not any(cached().values())
-    assert _prebuild_in_parallel(cfg, cfg.n_train, torch.device("cpu"), fp, workers=1) == []     # forced sequential
-    helper = _prebuild_in_parallel(cfg, cfg.n_train, torch.device("cpu"), fp, workers=2)
+    every = sorted(recipes)
+    assert _plan_builds(cfg, cfg.n_train, cpu, fp, workers=1) == ("sequence", every)      # forced sequential
+    assert _plan_builds(cfg, cfg.n_train, cpu, fp) == ("sequence", every)                 # a small build
+    plan, names = _plan_builds(cfg, cfg.n_train, cpu, fp, workers=2)
+    assert plan == "pair" and sorted(names) == every
+    helper = _build_pair(cfg, names, cfg.n_train, fp, cpus)
     assert sorted(helper) == ["eval_damsm", "retrieval"]                 # the helper process's share
     assert all(cached().values())                                        # every network built, by one process or the other
+    assert os.sched_getaffinity(0) == set(cpus)                          # this process has every core back
     for mod, fn in ((damsm_mod, "pretrain_damsm"), (evaluator_mod, "train_evaluator"), (retrieval_mod, "train_retrieval")):
         monkeypatch.setattr(mod, fn, lambda *a, **k: pytest.fail("a cached network was pretrained again"))
-    assert _prebuild_in_parallel(cfg, cfg.n_train, torch.device("cpu"), fp, workers=2) == []     # nothing missing
+    assert _plan_builds(cfg, cfg.n_train, cpu, fp, workers=2) == ("sequence", [])        # nothing missing
     a = prepare_assets(cfg, "cpu", workers=2)                            # reads what the two processes wrote
     assert a.eval_text_enc is not None and a.indep_text_enc is not None and a.evaluator is not None
 
@@ -71,13 +85,6 @@ def test_prepare_assets_sets_the_threads_training_would_beside_a_busy_machine(tm
         prepare_assets(make_config(**{**cfg.__dict__, "threads": 2}), "cpu")   # an explicit count wins (all cached now)
         assert torch.get_num_threads() == 2
     finally: torch.set_num_threads(orig)
-
-
-def _cpus_or_skip():
-    from t2i_nb.core import allowed_cpus
-    cpus = allowed_cpus()
-    if len(cpus) < 2: pytest.skip("a helper pinned to its own core needs two CPUs")
-    return cpus
 
 
 def test_busy_machine_pretrains_the_evaluation_networks_in_a_pinned_helper(tmp_path, monkeypatch):
@@ -117,12 +124,15 @@ def test_train_waits_for_the_background_networks_and_describes_them(tmp_path, mo
     from t2i_nb.train import train
     from conftest import tiny_run_settings
     cpus = _cpus_or_skip()
-    real, started = assets_mod._start_background, []
-    def forced(cfg, n, device, fp, workers=None, busy=None):   # as on a busy machine (tiny builds stay in-process)
-        started.append(real(cfg, n, device, fp, 2, busy)); return started[-1]
-    monkeypatch.setattr(assets_mod, "_start_background", forced)
+    real_plan, real_helper, started = assets_mod._plan_builds, assets_mod._Background, []
+    def forced(cfg, n, device, fp, workers=None, busy=None, background=False, cpus=None):   # as on a busy machine
+        return real_plan(cfg, n, device, fp, 2, busy, background, cpus)                    # (tiny builds stay here)
+    class Helper(real_helper):
+        def __init__(self, *a): super().__init__(*a); started.append(self)
+    monkeypatch.setattr(assets_mod, "_plan_builds", forced)
+    monkeypatch.setattr(assets_mod, "_Background", Helper)
     run_dir = train(make_config(**tiny_run_settings(tmp_path, n_eval=16, threads=1)), progress=False)
-    assert started and started[0] is not None and started[0].proc.exitcode == 0
+    assert len(started) == 1 and started[0].proc.exitcode == 0
     described = json.loads((run_dir / "config.json").read_text())["assets"]
     assert "pending" not in described and described["evaluator"]["weights"] and described["indep_pair"]["pair"]
     assert described["eval_damsm"]["text"] != described["damsm"]["text"]
