@@ -73,9 +73,9 @@ def assets_table(epochs: int):
             if out.returncode: sys.exit(out.stderr[-2000:])
             res[cond, workers] = float(out.stdout.strip().splitlines()[-1])
             print(f"{cond:5s} {'pinned pair' if workers == 2 else 'in sequence'}: {res[cond, workers]:.0f} s", flush=True)
-    print(f"\nprepare_assets, the main job's four SynthBirds networks at {epochs} epochs each (seconds)\n")
+    print(f"\nprepare_assets, the main job's four SynthBirds networks at {epochs} epochs each (seconds, one run per cell)\n")
     print("| builds | quiet | beside one busy process | busy / quiet |\n|---|---|---|---|")
-    for w, name in ((1, "in sequence (one thread when busy, the free cores when quiet)"), (2, "pinned pair (two one-thread processes)")):
+    for w, name in ((1, "in sequence (one thread when busy, both cores when quiet)"), (2, "pinned pair (two one-thread processes)")):
         print(f"| {name} | {res['quiet', w]:.0f} | {res['busy', w]:.0f} | {res['busy', w] / res['quiet', w]:.2f} |")
 
 
@@ -88,7 +88,9 @@ def main():
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2: sys.exit("needs two CPUs")
     if a.assets: assets_table(a.assets)
-    if not a.rounds: return
+    if not a.rounds:
+        if not a.assets: print("nothing to do: --rounds 0 and no --assets")
+        return
     alone = float(start(-1, 0, a.seconds).communicate()[0])
     print(f"one process alone, quiet: {alone:.2f} it/s")
     res = {k: [] for k in ROWS}

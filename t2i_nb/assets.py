@@ -201,8 +201,11 @@ def _build_pair(cfg, names, n_train: int, data_key: str, cpus) -> list[str]:
     try: _build_synth(cfg, mine, n_train, data_key, 1, cpus[:-1])
     finally:
         torch.set_num_threads(before)
-        helper.join()
-        pin_threads(cpus)                                     # every core again
+        try: helper.join()
+        finally: pin_threads(cpus)                            # every core again, even if interrupted here
+    if helper.exitcode:                                       # what it left is built in sequence next
+        warnings.warn(f"the helper pretraining {theirs} exited with code {helper.exitcode}: this process builds "
+                      "what it left")
     return theirs
 
 
@@ -238,7 +241,7 @@ def _plan_builds(cfg, n_train: int, device, data_key: str, workers: int | None =
     forced, workers = workers is not None, (2 if n_train >= 500 else 1) if workers is None else workers
     if workers < 2 or len(cpus) < 2 or len(missing) < 1: return "sequence", missing
     later = [n for n in missing if n in _EVAL_ONLY]
-    if background and later and (forced or free_cores(busy) < 2): return "background", later
+    if background and later and (forced or free_cores(busy, cpus) < 2): return "background", later
     return ("pair" if len(missing) >= 2 else "sequence"), missing
 
 # %% ../nbs/07d_assets.ipynb

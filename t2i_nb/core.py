@@ -191,9 +191,10 @@ def busy_cores(interval: float = 0.25) -> float:
         try: return float(os.getloadavg()[0])
         except (OSError, AttributeError): return 0.0
 
-def free_cores(busy: float | None = None) -> int:
-    "Cores this process may use minus those other processes keep busy (`busy`: `busy_cores()`), at least 1."
-    cores = len(allowed_cpus())
+def free_cores(busy: float | None = None, cpus=None) -> int:
+    ("Cores this process may use (`cpus`: `allowed_cpus()`) minus those other processes keep busy (`busy`: "
+     "`busy_cores()`), at least 1.")
+    cores = len(allowed_cpus() if cpus is None else cpus)
     others = busy_cores() if busy is None else busy
     return max(1, min(cores, cores - math.floor(others + 0.5)))
 

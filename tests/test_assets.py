@@ -47,12 +47,18 @@ def test_synthbirds_networks_are_pretrained_two_at_a_time_then_only_read(tmp_pat
     recipes = _synth_recipes(cfg, cfg.n_train, "cpu")
     cached = lambda: {n: is_cached(tmp_path / "sb" / "t2i_cache", k, c, fp) for n, (k, c, _) in recipes.items()}
     assert not any(cached().values())
-    every = sorted(recipes)
+    every = list(recipes)                                                # the recipes' order, as _missing lists them
     assert _plan_builds(cfg, cfg.n_train, cpu, fp, workers=1) == ("sequence", every)      # forced sequential
     assert _plan_builds(cfg, cfg.n_train, cpu, fp) == ("sequence", every)                 # a small build
     plan, names = _plan_builds(cfg, cfg.n_train, cpu, fp, workers=2)
-    assert plan == "pair" and sorted(names) == every
+    assert plan == "pair" and sorted(names) == sorted(every)
+    import t2i_nb.assets as assets_mod
+    real, here = assets_mod._synth_asset, []
+    def watched(*a, **k): here.append((a[1], os.sched_getaffinity(0))); return real(*a, **k)
+    monkeypatch.setattr(assets_mod, "_synth_asset", watched)            # this process's share (the helper is spawned)
     helper = _build_pair(cfg, names, cfg.n_train, fp, cpus)
+    monkeypatch.setattr(assets_mod, "_synth_asset", real)
+    assert sorted(n for n, _ in here) == ["damsm", "evaluator"] and all(a == set(cpus[:-1]) for _, a in here)
     assert sorted(helper) == ["eval_damsm", "retrieval"]                 # the helper process's share
     assert all(cached().values())                                        # every network built, by one process or the other
     assert os.sched_getaffinity(0) == set(cpus)                          # this process has every core back
