@@ -190,13 +190,18 @@ def _missing(cfg, n_train: int, device, data_key: str) -> list[str]:
     return [n for n, (kind, acfg, _) in _synth_recipes(cfg, n_train, device).items()
             if not is_cached(cache, kind, acfg, data_key)]
 
+def _start_helper(cfg, names, n_train: int, data_key: str, cpus):
+    "A started spawned process pretraining `names` in this order with one thread, pinned to the last of `cpus`."
+    import multiprocessing as mp
+    proc = mp.get_context("spawn").Process(target=_build_synth, args=(cfg, names, n_train, data_key, 1, cpus[-1:]))
+    proc.start()
+    return proc
+
 def _build_pair(cfg, names, n_train: int, data_key: str, cpus) -> list[str]:
     ("Pretrain `names` two at a time: a spawned one-thread helper pinned to the last of `cpus` takes one share, this "
      "process (one thread, pinned to the others until both are done) the other; the helper's names.")
-    import multiprocessing as mp
     mine, theirs = _split_builds(names)
-    helper = mp.get_context("spawn").Process(target=_build_synth, args=(cfg, theirs, n_train, data_key, 1, cpus[-1:]))
-    helper.start()
+    helper = _start_helper(cfg, theirs, n_train, data_key, cpus)
     before = torch.get_num_threads()
     try: _build_synth(cfg, mine, n_train, data_key, 1, cpus[:-1])
     finally:
@@ -213,11 +218,9 @@ def _build_pair(cfg, names, n_train: int, data_key: str, cpus) -> list[str]:
 class _Background:
     "A spawned helper pretraining `names` (last first) on the last of `cpus`; this process's threads keep the others until it ends."
     def __init__(self, cfg, names, n_train: int, data_key: str, cpus):
-        import multiprocessing as mp, threading
+        import threading
         self.names, self.cpus = list(names), list(cpus)
-        self.proc = mp.get_context("spawn").Process(target=_build_synth,
-                                                    args=(cfg, self.names[::-1], n_train, data_key, 1, self.cpus[-1:]))
-        self.proc.start()
+        self.proc = _start_helper(cfg, self.names[::-1], n_train, data_key, self.cpus)
         if torch.get_num_threads() < len(self.cpus): pin_threads(self.cpus[:-1])   # more threads: left unpinned
         self._watch = threading.Thread(target=self._release, name="t2i-background-build", daemon=True)
         self._watch.start()
@@ -239,7 +242,7 @@ def _plan_builds(cfg, n_train: int, device, data_key: str, workers: int | None =
     missing = _missing(cfg, n_train, device, data_key)
     cpus = list(allowed_cpus() if cpus is None else cpus) if device.type == "cpu" else []
     forced, workers = workers is not None, (2 if n_train >= 500 else 1) if workers is None else workers
-    if workers < 2 or len(cpus) < 2 or len(missing) < 1: return "sequence", missing
+    if workers < 2 or len(cpus) < 2 or not missing: return "sequence", missing
     later = [n for n in missing if n in _EVAL_ONLY]
     if background and later and (forced or free_cores(busy, cpus) < 2): return "background", later
     return ("pair" if len(missing) >= 2 else "sequence"), missing
@@ -260,9 +263,10 @@ def prepare_assets(cfg: TrainConfig, device=None, workers: int | None = None, ba
     need_cap = loss_of(cfg).lambda_cap > 0
     nets, eval_info, pending, inception = {}, {}, None, None
     if cfg.dataset == "synth_birds":
-        plan, names = _plan_builds(cfg, len(train), device, fp, workers, busy, background)
-        helper = _Background(cfg, names, len(train), fp, allowed_cpus()) if plan == "background" else None
-        if plan == "pair": _build_pair(cfg, names, len(train), fp, allowed_cpus())
+        cpus = allowed_cpus()                                      # one reading of the affinity mask too
+        plan, names = _plan_builds(cfg, len(train), device, fp, workers, busy, background, cpus)
+        helper = _Background(cfg, names, len(train), fp, cpus) if plan == "background" else None
+        if plan == "pair": _build_pair(cfg, names, len(train), fp, cpus)
         t, i, damsm = _synth_damsm(cfg, train, device, heldout=False, data_key=fp)
         load = lambda: _synth_eval_nets(cfg, train, device, fp)
         if helper is None: nets, eval_info = load()
